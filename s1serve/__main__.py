@@ -1,0 +1,3 @@
+from s1serve.cli import main
+
+raise SystemExit(main())

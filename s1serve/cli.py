@@ -1,0 +1,104 @@
+"""The `s1serve` command. User errors print one line (`error: ...`) and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from s1serve.errors import S1ServeError
+
+DEMO_PRESET = "tiny"
+DEMO_SEED = 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("S1SERVE_CACHE", Path.home() / ".cache" / "s1serve"))
+
+
+def demo_checkpoint() -> Path:
+    """The embedded default: a tiny checkpoint written on first use (atomically) into the cache folder."""
+    from s1serve.checkpoint.tiny import write_tiny_checkpoint
+
+    target = cache_dir() / f"demo-{DEMO_PRESET}-seed{DEMO_SEED}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+    write_tiny_checkpoint(staging, DEMO_PRESET, DEMO_SEED)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from s1serve.checkpoint.tiny import write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(args.out, args.preset, args.seed, args.arch)
+    print(f"wrote {args.preset} checkpoint ({args.arch}, seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from s1serve import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    for out in llm.generate(args.prompt, params):
+        print(out.text)
+    return 0
+
+
+def cmd_serve_demo(args: argparse.Namespace) -> int:
+    from s1serve import LLM, SamplingParams
+
+    model = demo_checkpoint()
+    print(f"demo checkpoint: {model}")
+    llm = LLM(model=model, dtype="float32")
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    out = llm.generate(prompt, SamplingParams(max_tokens=args.max_tokens, temperature=0))[0]
+    print(f"prompt ({len(out.prompt_token_ids)} tokens): {prompt!r}")
+    print(f"output ({len(out.token_ids)} tokens, finish_reason={out.finish_reason}): {out.text!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s1serve", description="Serve Intern-S1-Pro.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny", help="write a random checkpoint in the published layout")
+    tiny.add_argument("--out", required=True, help="folder to write")
+    tiny.add_argument("--preset", choices=("tiny", "bench"), default="tiny")
+    tiny.add_argument("--arch", choices=("interns1_pro", "qwen3_moe"), default="interns1_pro")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    gen = sub.add_parser("generate", help="offline generation from a prompt")
+    gen.add_argument("model", help="checkpoint folder")
+    gen.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's generation_config")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("serve-demo", help="generate on the embedded demo checkpoint (what `make serve` runs)")
+    demo.add_argument("--prompt", default="Hello! What can you do?")
+    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.set_defaults(func=cmd_serve_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (S1ServeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

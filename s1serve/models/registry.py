@@ -1,0 +1,60 @@
+"""model_type -> model class, and building a model with its weights from a checkpoint folder."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from s1serve.checkpoint.loader import CheckpointReader, load_into
+from s1serve.config import ModelConfig, load_model_config
+from s1serve.errors import CheckpointError, ConfigError
+from s1serve.models.interns1_pro import InternS1ProForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "interns1_pro": InternS1ProForCausalLM,
+    "interns1_pro_text": InternS1ProForCausalLM,
+    "qwen3_moe": InternS1ProForCausalLM,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(config: ModelConfig, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> nn.Module:
+    """An uninitialised model: built on the meta device, then given (empty) storage on `device` unless that is meta."""
+    with _default_dtype(resolve_dtype(dtype)), torch.device("meta"):
+        model = MODEL_CLASSES[config.model_type](config)
+    if torch.device(device).type != "meta":
+        model = model.to_empty(device=device)
+    return model.eval()
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> nn.Module:
+    config = load_model_config(model_dir)
+    if config.quantization is not None:
+        raise CheckpointError(
+            f"{model_dir}: {config.quantization.quant_method} checkpoints are not supported yet; use the BF16 checkpoint"
+        )
+    model = build_model(config, dtype, device)
+    load_into(model.checkpoint_targets(), CheckpointReader(model_dir))
+    return model
