@@ -67,6 +67,13 @@ def cmd_serve_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api_server(args: argparse.Namespace) -> int:
+    from s1serve.serve.openai.api_server import run_api_server
+
+    run_api_server(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s1serve", description="Serve Intern-S1-Pro.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="run a server").add_subparsers(dest="server", required=True)
+    from s1serve.serve.openai.api_server import add_api_server_arguments
+
+    api = serve.add_parser("api_server", help="the OpenAI-compatible API server")
+    add_api_server_arguments(api)
+    api.set_defaults(func=cmd_api_server)
 
     demo = sub.add_parser("serve-demo", help="generate on the embedded demo checkpoint (what `make serve` runs)")
     demo.add_argument("--prompt", default="Hello! What can you do?")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from s1serve.engine.engine import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -30,10 +30,19 @@ class ServerMetrics:
         )
         self._info = Gauge("s1serve_model_info", "Served model", list(labels), registry=self.registry)
         self._info.labels(**labels).set(1)
+        self.running = Gauge("s1serve_num_requests_running", "Sequences running", registry=self.registry)
+        self.waiting = Gauge("s1serve_num_requests_waiting", "Sequences waiting", registry=self.registry)
+        self.kv_usage = Gauge("s1serve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=self.registry)
+        self.preemptions = Gauge("s1serve_num_preemptions", "Preemptions since start", registry=self.registry)
+        self.prefix_hit_rate = Gauge("s1serve_prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache", registry=self.registry)
 
-    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
-        """A gauge whose value is read from the engine at scrape time."""
-        Gauge(name, doc, registry=self.registry).set_function(read)
+    def observe_engine(self, stats: EngineStats) -> None:
+        """Engine gauges, read at scrape time."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(1 - stats.num_free_blocks / stats.num_blocks)
+        self.preemptions.set(stats.num_preemptions)
+        self.prefix_hit_rate.set(stats.prefix_hit_tokens / stats.prefix_query_tokens if stats.prefix_query_tokens else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -160,6 +160,8 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model: Optional[str] = None
     tokens: list[int]
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 class UsageInfo(BaseModel):

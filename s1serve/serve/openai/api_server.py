@@ -1,0 +1,189 @@
+"""`s1serve serve api_server MODEL`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the AsyncEngine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
+from s1serve.engine.config import EngineConfig, add_engine_args
+from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
+from s1serve.serve.openai.metrics import ServerMetrics
+from s1serve.serve.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from s1serve.serve.openai.serving import ChatServing, CompletionServing, ServingContext
+from s1serve.serve.parsers.registry import (
+    REASONING_PARSER_NAMES,
+    TOOL_CALL_PARSER_NAMES,
+    get_reasoning_parser,
+    get_tool_call_parser,
+)
+from s1serve.tokenizer import load_tokenizer
+
+MAX_BODY_BYTES = 8 << 20
+log = logging.getLogger("s1serve.api_server")
+
+
+class BodySizeLimit:
+    """ASGI middleware: a body over the limit is answered 413 before it is read whole (chunked bodies too)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        body = bytearray()
+        more = True
+        messages = []
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await self._refuse(scope, receive, send)
+            more = message.get("more_body", False)
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        response = error_response(413, f"request body is larger than {self.limit} bytes")
+        await response(scope, receive, send)
+
+
+def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any = None) -> FastAPI:
+    app = FastAPI(title="s1serve", description="OpenAI-compatible API for Intern-S1-Pro", lifespan=lifespan)
+    install_error_handlers(app)
+    chat, completions = ChatServing(ctx), CompletionServing(ctx)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Response:
+        if api_keys and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            if not header.startswith("Bearer ") or header[len("Bearer ") :] not in api_keys:
+                return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await ctx.engine.stats()
+        except EngineDeadError as exc:
+            return error_response(503, str(exc))
+        return JSONResponse({"status": "healthy"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        try:
+            ctx.metrics.observe_engine(await ctx.engine.stats())
+        except EngineDeadError:
+            pass  # the last values stay; /health reports the failure
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        return await chat.create(body)
+
+    @app.post("/v1/completions")
+    async def text_completions(body: CompletionRequest) -> Response:
+        return await completions.create(body)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        if body.messages is not None:
+            prompt = ctx.tokenizer.apply_chat_template(
+                [m.model_dump(exclude_none=True) for m in body.messages],
+                add_generation_prompt=body.add_generation_prompt,
+                **(body.chat_template_kwargs or {}),
+            )
+        else:
+            prompt = body.prompt
+        tokens = ctx.tokenizer.encode(prompt)
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": ctx.max_model_len})
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        bad = [t for t in body.tokens if not 0 <= t < ctx.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of vocabulary (0..{ctx.vocab_size - 1})", "tokens")
+        text = ctx.tokenizer.decode(
+            body.tokens,
+            skip_special_tokens=body.skip_special_tokens,
+            spaces_between_special_tokens=body.spaces_between_special_tokens,
+        )
+        return JSONResponse({"prompt": text})
+
+    return app
+
+
+def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint folder")
+    parser.add_argument("--server-name", default="0.0.0.0")
+    parser.add_argument("--server-port", type=int, default=23333)
+    parser.add_argument("--backend", default="pytorch", choices=("pytorch",))
+    parser.add_argument("--model-name", default=None, help="name clients use (default: the folder name)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reasoning-parser", default=None, help=f"one of {', '.join(REASONING_PARSER_NAMES)}")
+    parser.add_argument("--tool-call-parser", default=None, help=f"one of {', '.join(TOOL_CALL_PARSER_NAMES)}")
+    parser.add_argument("--api-keys", nargs="*", default=[], help="accepted bearer keys (default: no auth)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_engine_args(parser)
+
+
+def run_api_server(args: argparse.Namespace) -> None:
+    """Loads the model, starts the engine thread, serves until interrupted, then stops the engine."""
+    import uvicorn
+
+    reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
+    tools = get_tool_call_parser(args.tool_call_parser) if args.tool_call_parser else None
+    tokenizer = load_tokenizer(args.model)
+    engine = AsyncEngine.from_checkpoint(args.model, args.dtype, args.device, EngineConfig.from_namespace(args), tokenizer)
+    name = args.model_name or Path(args.model).resolve().name
+    ctx = ServingContext(
+        engine=engine,
+        tokenizer=tokenizer,
+        model_name=name,
+        max_model_len=engine.engine.max_model_len,
+        vocab_size=engine.engine.runner.model.config.text.vocab_size,
+        metrics=ServerMetrics(name),
+        reasoning_parser=reasoning,
+        tool_parser=tools,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = build_app(ctx, tuple(args.api_keys), lifespan)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("serving %s as '%s' on http://%s:%d/v1", args.model, name, args.server_name, args.server_port)
+    uvicorn.run(BodySizeLimit(app, MAX_BODY_BYTES), host=args.server_name, port=args.server_port, log_level=args.log_level)
