@@ -1,0 +1,444 @@
+"""The Intern-S1 tokenizer: the reference's exact ids, byte-level BPE in Rust, domain spans in SentencePiece.
+
+Encoding follows `tokenization_interns1.py` step by step:
+1. NFC-normalise the text.
+2. Cut out added tokens and the `<MOLFORMULA>` / `</MOLFORMULA>` protection tags.
+3. Outside explicit domain tags and protection tags, wrap auto-detected SMILES / protein / DNA-RNA spans in
+   transient markers (see domain.py).
+4. Walk the pieces with a stack of domain models: a begin tag or marker pushes its SentencePiece model, an
+   end tag or marker pops the top one (whatever it is). Text is encoded by the model on top of the stack,
+   or by byte-level BPE when the stack is empty. SentencePiece's unknown pieces fall back to BPE, and
+   BPE tokens met while the stack is not empty take the domain model's id when the model knows the same
+   string (the reference looks every token string up in the domain model first). Markers get no id;
+   protection tags are spelled out in BPE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+from s1serve.assets import ASSETS_DIR
+from s1serve.tokenizer.bpe import SP_SPACE, ByteLevelBPE
+from s1serve.tokenizer.bytelevel import char_to_byte
+from s1serve.tokenizer.chat_template import ChatTemplate
+from s1serve.tokenizer.domain import AUTO_BEGIN, AUTO_END, PROTEIN, SMILES, XNA, may_hold_span, split_auto_detected
+from s1serve.tokenizer.errors import ChatTemplateError, InvalidTokenIdError, TokenizerError
+
+logger = logging.getLogger(__name__)
+
+
+_SP_FILES = {SMILES: "tokenizer_SMILES.model", PROTEIN: "tokenizer_PROT.model", XNA: "tokenizer_XNA.model"}
+_REQUIRED_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt", *_SP_FILES.values())
+# Explicit tags -> domain model, as the reference maps them.
+_EXPLICIT_TAGS = {"SMILES": SMILES, "protein": PROTEIN, "dna": XNA, "rna": XNA}
+_PROTECT_BEGIN, _PROTECT_END = "<MOLFORMULA>", "</MOLFORMULA>"
+_SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_DOMAIN_CACHE_SIZE = 1 << 14
+
+
+@dataclass(frozen=True)
+class _Domain:
+    """One SentencePiece model and where its ids live in the shared vocabulary."""
+
+    name: str
+    model: spm.SentencePieceProcessor
+    offset: int
+    pieces: Sequence[str]
+    # BPE id -> this model's id, for BPE token strings the model also knows.
+    bpe_to_domain: Mapping[int, int]
+
+
+class Tokenizer:
+    """Encode/decode for Intern-S1(-Pro). Build it with `load_tokenizer(model_dir)`."""
+
+    def __init__(
+        self,
+        *,
+        bpe: ByteLevelBPE,
+        vocab: Mapping[str, int],
+        added_tokens: Mapping[int, str],
+        special_tokens: Sequence[str],
+        special_tokens_map: Mapping[str, Any],
+        domains: Mapping[str, _Domain],
+        eos_token_ids: Sequence[int],
+        chat_template: ChatTemplate | None,
+    ) -> None:
+        self._bpe = bpe
+        self._vocab = dict(vocab)
+        self._added = {content: i for i, content in added_tokens.items()}
+        if overlap := sorted(set(self._added) & set(self._vocab)):
+            raise TokenizerError(f"added tokens {overlap[:5]} also appear in vocab.json; this layout is not supported")
+        self.special_tokens_map = dict(special_tokens_map)
+        self.chat_template = chat_template
+
+        # id -> token string, the way the reference shows it: added tokens, then domain pieces, then vocab.json.
+        tokens: dict[int, str] = {i: t for t, i in self._vocab.items()}
+        for domain in domains.values():
+            tokens.update({domain.offset + j: piece for j, piece in enumerate(domain.pieces)})
+        tokens.update(added_tokens)
+        self.vocab_size = max(tokens) + 1
+        self._tokens: list[str | None] = [tokens.get(i) for i in range(self.vocab_size)]
+        token_bytes = [_token_bytes(t) if t is not None else b"" for t in self._tokens]
+        for i, content in added_tokens.items():
+            token_bytes[i] = content.encode("utf-8")
+        self._bytes = tuple(token_bytes)
+
+        # Decoding: special tokens (bos/eos/pad/additional) are skipped on request; the other added tokens
+        # stand as their own parts of the text, joined by a space when spaces_between_special_tokens.
+        # (An additional special token above the base vocabulary also stands apart, as in transformers.)
+        specials = set(special_tokens)
+        additional = set(special_tokens_map.get("additional_special_tokens", ()))
+        self._skip_ids = frozenset(i for i, t in enumerate(self._tokens) if t in specials)
+        base_size = len(self._vocab.keys() | _placeholder_names(domains.values()))
+        self._standalone = {
+            i: t for t, i in self._added.items() if t not in specials or (t in additional and i >= base_size)
+        }
+        self.eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
+
+        # Encoding: where text is cut, and what each cut-out string does.
+        self._domain_begin: dict[str, _Domain] = {f"<{tag}>": domains[d] for tag, d in _EXPLICIT_TAGS.items()}
+        self._domain_begin.update({marker: domains[d] for marker, d in AUTO_BEGIN.items()})
+        self._domain_end = {f"</{tag}>" for tag in _EXPLICIT_TAGS} | set(AUTO_END)
+        self._explicit_begin = {f"<{tag}>" for tag in _EXPLICIT_TAGS} | {_PROTECT_BEGIN}
+        self._explicit_end = {f"</{tag}>" for tag in _EXPLICIT_TAGS} | {_PROTECT_END}
+        self._protect = {_PROTECT_BEGIN, _PROTECT_END}
+        cut = sorted(set(self._added) | self._protect, key=len, reverse=True)
+        self._cut_pattern = re.compile("(" + "|".join(map(re.escape, cut)) + ")")
+        self._cut_initials = re.compile("[" + "".join(sorted({re.escape(t[0]) for t in cut})) + "]")
+        # (domain, text) -> ids: SentencePiece's Python wrapper costs ~10 us a call, and prompts repeat.
+        self._domain_cache: dict[tuple[str, str], list[int]] = {}
+
+    # ---- encode -------------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Text -> ids. The published tokenizer adds no BOS/EOS, so `add_special_tokens` changes nothing."""
+        del add_special_tokens
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode expects str, got {type(text).__name__}")
+        if not text.isascii():
+            if bad := _SURROGATE.search(text):
+                raise TokenizerError(
+                    f"text holds an unpaired surrogate U+{ord(bad.group()):04X} at index {bad.start()}; "
+                    "it cannot be encoded as UTF-8"
+                )
+            if not unicodedata.is_normalized("NFC", text):
+                text = unicodedata.normalize("NFC", text)
+        if not self._cut_initials.search(text) or not self._cut_pattern.search(text):
+            if "[" not in text and text not in AUTO_BEGIN and text not in AUTO_END:
+                ids = self._bpe.unflagged_ids(text)  # seen before and no domain span possible
+                if ids is not None:
+                    return ids
+            pieces = split_auto_detected(text) if text else []
+            if len(pieces) == 1 and pieces[0] not in AUTO_BEGIN and pieces[0] not in AUTO_END:
+                return self._bpe.encode(text)
+        else:
+            pieces = self._detect(self._cut(text))
+        return self._encode_pieces(pieces)
+
+    def _cut(self, text: str) -> list[str]:
+        """Split around added tokens and protection tags (kept as their own pieces)."""
+        return [piece for piece in self._cut_pattern.split(text) if piece]
+
+    def _detect(self, pieces: list[str]) -> list[str]:
+        """Auto-detect domain spans in the text pieces that lie outside explicit tags and protection."""
+        out: list[str] = []
+        depth = 0
+        for piece in pieces:
+            if piece in self._added or piece in self._protect:
+                out.append(piece)
+                if piece in self._explicit_begin:
+                    depth += 1
+                elif piece in self._explicit_end:
+                    depth = max(0, depth - 1)
+            elif depth or ("[" not in piece and self._bpe.is_unflagged(piece)):
+                out.append(piece)
+            else:
+                out += split_auto_detected(piece)
+        return out
+
+    def _encode_pieces(self, pieces: list[str]) -> list[int]:
+        ids: list[int] = []
+        stack: list[_Domain] = []
+        for piece in pieces:
+            if piece in self._protect:
+                ids += self._bpe_in(stack, piece)
+            elif piece in self._domain_begin:
+                if piece in self._added:
+                    ids.append(self._added[piece])
+                stack.append(self._domain_begin[piece])
+            elif piece in self._domain_end:
+                if piece in self._added:
+                    ids.append(self._added[piece])
+                if stack:
+                    stack.pop()
+            elif piece in self._added:
+                ids.append(self._added[piece])
+            elif stack:
+                ids += self._encode_domain(stack, piece)
+            else:
+                ids += self._bpe.encode(piece)
+        return ids
+
+    def _bpe_in(self, stack: list[_Domain], text: str) -> list[int]:
+        ids = self._bpe.encode(text)
+        if not stack:
+            return ids
+        remap = stack[-1].bpe_to_domain
+        return [remap.get(i, i) for i in ids]
+
+    def _encode_domain(self, stack: list[_Domain], text: str) -> list[int]:
+        key = (stack[-1].name, text)
+        ids = self._domain_cache.get(key)
+        if ids is None:
+            ids = self._encode_domain_uncached(stack, text)
+            if len(self._domain_cache) >= _DOMAIN_CACHE_SIZE:
+                self._domain_cache.clear()
+            self._domain_cache[key] = ids
+        return ids
+
+    def _encode_domain_uncached(self, stack: list[_Domain], text: str) -> list[int]:
+        domain = stack[-1]
+        piece_ids = domain.model.encode(text)
+        # Id 0 is what the reference takes for "unknown to the domain model"; those pieces go to BPE.
+        pieces = domain.model.encode(text, out_type=str) if 0 in piece_ids else ()
+        ids: list[int] = []
+        for n, piece_id in enumerate(piece_ids):
+            if piece_id == 0:
+                ids += self._bpe_in(stack, pieces[n].replace(SP_SPACE, " "))
+            else:
+                ids.append(self._added.get(domain.pieces[piece_id], piece_id + domain.offset))
+        return ids
+
+    # ---- decode -------------------------------------------------------------------------------------------
+
+    def decode(
+        self,
+        ids: Iterable[int] | int,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        """Ids -> text. Byte tokens are joined and decoded as UTF-8 (bad bytes become U+FFFD); added tokens
+        that are not special stand apart, joined by a space when `spaces_between_special_tokens`."""
+        ids = self._checked_ids(ids)
+        skip = self._skip_ids if skip_special_tokens else frozenset()
+        table, standalone = self._bytes, self._standalone
+        parts: list[str] = []
+        run: list[bytes] = []
+        for i in ids:
+            if i in skip:
+                continue
+            text = standalone.get(i)
+            if text is None:
+                run.append(table[i])
+                continue
+            if run:
+                parts.append(b"".join(run).decode("utf-8", "replace"))
+                run = []
+            parts.append(text)
+        if run:
+            parts.append(b"".join(run).decode("utf-8", "replace"))
+        return (" " if spaces_between_special_tokens else "").join(parts)
+
+    def convert_ids_to_tokens(self, ids: Iterable[int] | int) -> list[str] | str:
+        """Ids -> token strings as in the vocabulary (byte-level symbols, SentencePiece pieces, added tokens)."""
+        if isinstance(ids, int):
+            return self.convert_ids_to_tokens([ids])[0]
+        return [self._tokens[i] for i in self._checked_ids(ids)]  # type: ignore[misc]
+
+    def token_to_id(self, token: str) -> int | None:
+        """An added token or a vocab.json entry -> its id; None when there is none."""
+        found = self._added.get(token)
+        return found if found is not None else self._vocab.get(token)
+
+    def token_bytes(self) -> tuple[bytes, ...]:
+        """id -> the bytes the token stands for (an added token: its text), for every id below vocab_size."""
+        return self._bytes
+
+    def is_special(self, token_id: int) -> bool:
+        """True for the ids decode drops when skip_special_tokens."""
+        return token_id in self._skip_ids
+
+    def standalone_text(self, token_id: int) -> str | None:
+        """The text of an added token that decodes as its own part of the text (see decode), else None."""
+        return self._standalone.get(token_id)
+
+    def _checked_ids(self, ids: Iterable[int] | int) -> list[int]:
+        if isinstance(ids, int):
+            ids = [ids]
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError as exc:
+            raise InvalidTokenIdError(f"token ids must be integers: {exc}") from None
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise InvalidTokenIdError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if any(self._tokens[i] is None for i in ids):
+            bad = next(i for i in ids if self._tokens[i] is None)
+            raise InvalidTokenIdError(f"token id {bad} is not assigned to any token")
+        return ids
+
+    # ---- chat template ------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **chat_template_kwargs: Any,
+    ) -> str:
+        """Render a conversation with the checkpoint's chat template (transformers' rules, sandboxed)."""
+        if self.chat_template is None:
+            raise ChatTemplateError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config)")
+        kwargs = {**self.special_tokens_map, **chat_template_kwargs}
+        return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def _placeholder_names(domains: Iterable[_Domain]) -> set[str]:
+    """The reference also files every domain piece in its vocabulary as `<|NAME_piece|>`."""
+    return {f"<|{d.name}_{piece}|>" for d in domains for piece in d.pieces}
+
+
+def _token_bytes(token: str) -> bytes:
+    """A vocabulary string -> its bytes. SentencePiece pieces use U+2581 for space and raw newlines; the
+    reference maps those to the byte-level symbols first. A character outside the byte-level alphabet (the
+    reference would fail on it) is taken as its UTF-8 bytes."""
+    table = char_to_byte()
+    token = token.replace(SP_SPACE, "\u0120").replace("\n", "\u010a")
+    out = bytearray()
+    for c in token:
+        b = table.get(c)
+        if b is None:
+            out += c.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
+    """Read the tokenizer of a checkpoint folder. A folder with none of the tokenizer files (e.g. a tiny test
+    checkpoint) uses the published files shipped in s1serve/assets; a folder with some but not all fails."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise TokenizerError(f"checkpoint folder {folder} does not exist")
+    present = [name for name in _REQUIRED_FILES if (folder / name).is_file()]
+    if not present:
+        logger.warning("%s has no tokenizer files; using the published ones in %s", folder, ASSETS_DIR)
+        folder = ASSETS_DIR
+    elif missing := [name for name in _REQUIRED_FILES if name not in present]:
+        raise TokenizerError(f"{folder} lacks tokenizer files: {', '.join(missing)}")
+
+    config = _read_json(folder / "tokenizer_config.json")
+    vocab = _read_json(folder / "vocab.json")
+    added = _added_tokens(folder, config)
+    special_map = _special_tokens_map(folder, config)
+    specials = [v for k, v in special_map.items() if k != "additional_special_tokens"]
+    specials += special_map.get("additional_special_tokens", [])
+    by_content = {content: i for i, content in added.items()}
+
+    domains: dict[str, _Domain] = {}
+    for name, filename in _SP_FILES.items():
+        offset = config.get(f"offset_{name}")
+        if not isinstance(offset, int):
+            raise TokenizerError(f"tokenizer_config.json lacks the integer offset_{name}")
+        model = spm.SentencePieceProcessor()
+        try:
+            model.Load(str(folder / filename))
+        except (OSError, RuntimeError) as exc:
+            raise TokenizerError(f"cannot load {folder / filename}: {exc}") from exc
+        unk = model.unk_id()
+        pieces = [model.id_to_piece(j) for j in range(model.get_piece_size())]
+        remap = {vocab[piece]: j + offset for j, piece in enumerate(pieces) if j != unk and piece in vocab}
+        domains[name] = _Domain(name, model, offset, pieces, remap)
+
+    eos = [by_content[t] for t in [special_map.get("eos_token")] if t in by_content]
+    eos += _generation_eos(Path(model_dir))
+    return Tokenizer(
+        bpe=ByteLevelBPE(folder / "vocab.json", folder / "merges.txt", flag=may_hold_span),
+        vocab=vocab,
+        added_tokens=added,
+        special_tokens=specials,
+        special_tokens_map=special_map,
+        domains=domains,
+        eos_token_ids=eos,
+        chat_template=_chat_template(folder, config),
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"cannot read {path}: {exc}") from exc
+
+
+def _added_tokens(folder: Path, config: Mapping[str, Any]) -> dict[int, str]:
+    """id -> content, from tokenizer_config's added_tokens_decoder, else added_tokens.json."""
+    decoder = config.get("added_tokens_decoder")
+    try:
+        if decoder:
+            added = {}
+            for key, spec in decoder.items():
+                if any(spec.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
+                    raise TokenizerError(f"added token {spec['content']!r} strips spaces or matches whole words; "
+                                         "s1serve does not support that")
+                added[int(key)] = spec["content"]
+            return added
+        path = folder / "added_tokens.json"
+        return {int(i): content for content, i in _read_json(path).items()} if path.is_file() else {}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, TokenizerError):
+            raise
+        raise TokenizerError(f"malformed added tokens in {folder}: {exc!r}") from exc
+
+
+def _special_tokens_map(folder: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad/... and additional_special_tokens as strings; tokenizer_config first, then
+    special_tokens_map.json for what it leaves out."""
+    extra_path = folder / "special_tokens_map.json"
+    extra = _read_json(extra_path) if extra_path.is_file() else {}
+    out: dict[str, Any] = {}
+    for key in (*_SPECIAL_ATTRIBUTES, "additional_special_tokens"):
+        value = config.get(key)
+        if value is None:
+            value = extra.get(key)
+        if value is None:
+            continue
+        if key == "additional_special_tokens":
+            out[key] = [v["content"] if isinstance(v, dict) else v for v in value]
+        else:
+            out[key] = value["content"] if isinstance(value, dict) else value
+    return out
+
+
+def _generation_eos(folder: Path) -> list[int]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = _read_json(path).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _chat_template(folder: Path, config: Mapping[str, Any]) -> ChatTemplate | None:
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        return ChatTemplate(path.read_text(encoding="utf-8"))
+    source = config.get("chat_template")
+    if source is None:
+        return None
+    if isinstance(source, list):  # named templates, as transformers stores several
+        return ChatTemplate({t["name"]: t["template"] for t in source})
+    return ChatTemplate(source)
