@@ -1,0 +1,119 @@
+"""The proxy's settings and flags, shared by `s1serve serve proxy` and `python -m s1serve.serve.proxy`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+from s1serve.errors import S1ServeError
+from s1serve.serve.proxy.routing import STRATEGIES
+
+SERVING_STRATEGIES = ("Hybrid", "DistServe")
+
+
+class ProxyConfigError(S1ServeError, ValueError):
+    """A proxy flag has a value the proxy cannot serve with."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    server_name: str = "0.0.0.0"
+    server_port: int = 8000
+    routing_strategy: str = "min_expected_latency"
+    serving_strategy: str = "Hybrid"
+    health_interval: float = 5.0
+    health_timeout: float = 3.0
+    unhealthy_after: int = 2
+    connect_timeout: float = 5.0
+    request_timeout: float | None = 600.0
+    seed: int | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.serving_strategy == "DistServe":
+            raise ProxyConfigError(
+                "--serving-strategy DistServe (prefill/decode disaggregation) is not supported yet; use Hybrid"
+            )
+        if self.serving_strategy not in SERVING_STRATEGIES:
+            raise ProxyConfigError(f"--serving-strategy {self.serving_strategy!r} is unknown; allowed: Hybrid")
+        if self.routing_strategy not in STRATEGIES:
+            allowed = ", ".join(STRATEGIES)
+            raise ProxyConfigError(f"--routing-strategy {self.routing_strategy!r} is unknown; allowed: {allowed}")
+        if self.health_interval <= 0 or self.health_timeout <= 0 or self.connect_timeout <= 0:
+            raise ProxyConfigError("--health-interval, --health-timeout and --connect-timeout must be > 0 seconds")
+        if self.unhealthy_after < 1:
+            raise ProxyConfigError("--unhealthy-after must be >= 1 failed health check")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ProxyConfigError("--request-timeout must be > 0 seconds (or 0 for no limit)")
+
+
+def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ProxyConfig()
+    parser.add_argument("--server-name", default=d.server_name, help="address to listen on")
+    parser.add_argument("--server-port", type=int, default=d.server_port)
+    parser.add_argument("--routing-strategy", choices=STRATEGIES, default=d.routing_strategy)
+    # DistServe is accepted by the parser so that it is refused with a sentence, not an argparse choice list.
+    parser.add_argument("--serving-strategy", choices=SERVING_STRATEGIES, default=d.serving_strategy)
+    parser.add_argument("--health-interval", type=float, default=d.health_interval,
+                        help="seconds between health sweeps")
+    parser.add_argument("--health-timeout", type=float, default=d.health_timeout,
+                        help="seconds one node may take to answer /health")
+    parser.add_argument("--unhealthy-after", type=int, default=d.unhealthy_after,
+                        help="consecutive failed health checks that mark a node unhealthy")
+    parser.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
+                        help="seconds to open an upstream connection")
+    parser.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                        help="seconds an upstream may stay silent before the request fails with 504 (0: no limit)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the random choices (random strategy, tie breaks)")
+    parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+
+
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    return ProxyConfig(
+        server_name=args.server_name,
+        server_port=args.server_port,
+        routing_strategy=args.routing_strategy,
+        serving_strategy=args.serving_strategy,
+        health_interval=args.health_interval,
+        health_timeout=args.health_timeout,
+        unhealthy_after=args.unhealthy_after,
+        connect_timeout=args.connect_timeout,
+        request_timeout=args.request_timeout or None,
+        seed=args.seed,
+        log_level=args.log_level,
+    )
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """Run the proxy until interrupted (the `func` of the `proxy` subcommand)."""
+    import uvicorn
+
+    from s1serve.serve.proxy.app import create_app
+
+    config = config_from_args(args)
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    uvicorn.run(create_app(config), host=config.server_name, port=config.server_port,
+                log_level=config.log_level, access_log=False)
+    return 0
+
+
+def add_proxy_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `proxy` to an existing subcommand group (the lead wires it under `s1serve serve`)."""
+    parser = subparsers.add_parser("proxy", help="one OpenAI-compatible endpoint in front of many api_servers")
+    add_proxy_arguments(parser)
+    parser.set_defaults(func=cmd_proxy)
+    return parser
+
+
+def main_proxy(argv: list[str] | None = None) -> int:
+    """`python -m s1serve.serve.proxy`: same flags and error convention as `s1serve serve proxy`."""
+    parser = argparse.ArgumentParser(prog="s1serve serve proxy")
+    add_proxy_arguments(parser)
+    try:
+        return cmd_proxy(parser.parse_args(argv))
+    except S1ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
