@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 from s1serve.errors import S1ServeError
+from s1serve.serve.openai.arguments import add_api_server_arguments
+from s1serve.serve.proxy.config import add_proxy_parser
 
 DEMO_PRESET = "tiny"
 DEMO_SEED = 0
@@ -95,12 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", help="run a server").add_subparsers(dest="server", required=True)
-    from s1serve.serve.openai.api_server import add_api_server_arguments
-
+    serve = sub.add_parser("serve", help="serve api_server | proxy").add_subparsers(dest="server", required=True)
     api = serve.add_parser("api_server", help="the OpenAI-compatible API server")
     add_api_server_arguments(api)
     api.set_defaults(func=cmd_api_server)
+    add_proxy_parser(serve)
 
     demo = sub.add_parser("serve-demo", help="generate on the embedded demo checkpoint (what `make serve` runs)")
     demo.add_argument("--prompt", default="Hello! What can you do?")

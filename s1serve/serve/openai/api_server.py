@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
-from s1serve.engine.config import EngineConfig, add_engine_args
+from s1serve.engine.config import EngineConfig
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
@@ -24,12 +24,8 @@ from s1serve.serve.openai.protocol import (
     TokenizeRequest,
 )
 from s1serve.serve.openai.serving import ChatServing, CompletionServing, ServingContext
-from s1serve.serve.parsers.registry import (
-    REASONING_PARSER_NAMES,
-    TOOL_CALL_PARSER_NAMES,
-    get_reasoning_parser,
-    get_tool_call_parser,
-)
+from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
+from s1serve.serve.proxy.registration import advertised_url, proxy_membership
 from s1serve.tokenizer import load_tokenizer
 
 MAX_BODY_BYTES = 8 << 20
@@ -141,21 +137,6 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     return app
 
 
-def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="checkpoint folder")
-    parser.add_argument("--server-name", default="0.0.0.0")
-    parser.add_argument("--server-port", type=int, default=23333)
-    parser.add_argument("--backend", default="pytorch", choices=("pytorch",))
-    parser.add_argument("--model-name", default=None, help="name clients use (default: the folder name)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--reasoning-parser", default=None, help=f"one of {', '.join(REASONING_PARSER_NAMES)}")
-    parser.add_argument("--tool-call-parser", default=None, help=f"one of {', '.join(TOOL_CALL_PARSER_NAMES)}")
-    parser.add_argument("--api-keys", nargs="*", default=[], help="accepted bearer keys (default: no auth)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    add_engine_args(parser)
-
-
 def run_api_server(args: argparse.Namespace) -> None:
     """Loads the model, starts the engine thread, serves until interrupted, then stops the engine."""
     import uvicorn
@@ -179,7 +160,12 @@ def run_api_server(args: argparse.Namespace) -> None:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         try:
-            yield
+            if args.proxy_url:
+                node_url = advertised_url(args.server_name, args.server_port, args.proxy_url)
+                async with proxy_membership(args.proxy_url, node_url, models=[name], capacity=args.max_num_seqs):
+                    yield
+            else:
+                yield
         finally:
             engine.shutdown()
 
