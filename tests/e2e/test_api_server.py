@@ -232,3 +232,22 @@ def test_malformed_json_big_body_and_auth(api_server, client):
     with pytest.raises(BadRequestError):
         client.chat.completions.create(model="intern-s1-pro", messages=QUESTION, max_tokens=2, top_p=0)
     assert httpx.get(f"{api_server.base_url}/health").status_code == 200
+
+
+def test_named_tool_choice_and_json_schema_are_enforced(client):
+    named = client.chat.completions.create(
+        model="intern-s1-pro", messages=QUESTION, max_tokens=200, seed=3, tools=WEATHER_TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_temperature_date"}},
+    )
+    calls = named.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_temperature_date"]
+    _check_call(calls[0].function.name, calls[0].function.arguments)
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city", "days"]}
+    answer = client.chat.completions.create(
+        model="intern-s1-pro", messages=QUESTION, max_tokens=200, seed=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema}},
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    data = json.loads(answer.choices[0].message.content)
+    assert set(data) == {"city", "days"} and isinstance(data["city"], str) and isinstance(data["days"], int)

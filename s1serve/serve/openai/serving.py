@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
+from s1serve.engine.structured_output import Constraint, Limits, json_constraint, tool_call_constraint
 from s1serve.layers.sampler import TokenLogprob
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 from s1serve.serve.openai.choice import ChoiceText
@@ -66,7 +67,9 @@ def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | No
     return requested
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None
+) -> SamplingParams:
     """Engine parameters. Stop strings stay with the server, which applies them to the content only."""
     try:
         return SamplingParams(
@@ -85,6 +88,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
+            constraint=constraint,
         )
     except InvalidParameterError as exc:
         raise APIError(400, str(exc), exc.param) from None
@@ -208,6 +212,21 @@ def _delta_json(delta: ResponseDelta) -> dict:
     return out
 
 
+def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int) -> Constraint | None:
+    """The grammar that enforces tool_choice required / named and response_format, if the request asks for one."""
+    limits = Limits.for_max_tokens(max_tokens)
+    if req.tools and req.tool_choice == "required":
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        return tool_call_constraint(tools, None, req.parallel_tool_calls, opens_reasoning, limits)
+    if req.tools and isinstance(req.tool_choice, NamedToolChoice):
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        return tool_call_constraint(tools, [req.tool_choice.function.name], False, opens_reasoning, limits)
+    if req.response_format is not None and req.response_format.type != "text":
+        schema = req.response_format.json_schema["schema"] if req.response_format.type == "json_schema" else None
+        return json_constraint(schema, opens_reasoning, limits)
+    return None
+
+
 class ChatServing:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
@@ -235,13 +254,15 @@ class ChatServing:
         check_model(ctx, req.model)
         prompt, prompt_ids = self.render(req)
         max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.max_new_tokens)
-        starts_in_reasoning = ctx.reasoning_parser is not None and prompt_opens_reasoning(prompt)
+        opens_reasoning = prompt_opens_reasoning(prompt)
+        starts_in_reasoning = ctx.reasoning_parser is not None and opens_reasoning
         tool_names = None
         if req.tools and req.tool_choice != "none":
             tool_names = {t.function.name for t in req.tools}
             if isinstance(req.tool_choice, NamedToolChoice):
                 tool_names = {req.tool_choice.function.name}
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        constraint = chat_constraint(req, opens_reasoning, max_tokens)
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
         choices = [
             ChoiceText.create(_parser(ctx, starts_in_reasoning, tool_names, req.parallel_tool_calls), req.stop, req.include_stop_str_in_output)
             for _ in range(req.n)
