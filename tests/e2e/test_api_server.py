@@ -8,42 +8,10 @@ import re
 
 import httpx
 import pytest
-from openai import AsyncOpenAI, BadRequestError, NotFoundError, AuthenticationError
+from openai import AsyncOpenAI, AuthenticationError, BadRequestError, NotFoundError
 
+from weather_tools import WEATHER_TOOLS
 
-WEATHER_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_current_temperature",
-            "description": "Get current temperature at a location.",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "location": {"type": "string", "description": "The location, 'City, State, Country'."},
-                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["location"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_temperature_date",
-            "description": "Get temperature at a location and date.",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "location": {"type": "string"},
-                    "date": {"type": "string", "description": "Year-Month-Day"},
-                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["location", "date"],
-            },
-        },
-    },
-]
 QUESTION = [{"role": "user", "content": "Today is 2024-11-14, What's the temperature in San Francisco now? How about tomorrow?"}]
 
 

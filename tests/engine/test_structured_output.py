@@ -26,40 +26,8 @@ from s1serve.engine.structured_output import (
     tool_call_constraint,
 )
 from s1serve.tokenizer import load_tokenizer
+from weather_tools import WEATHER_TOOLS
 
-WEATHER_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_current_temperature",
-            "description": "Get current temperature at a location.",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "location": {"type": "string", "description": "'City, State, Country'."},
-                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["location"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_temperature_date",
-            "description": "Get temperature at a location and date.",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "location": {"type": "string"},
-                    "date": {"type": "string", "description": "'Year-Month-Day'."},
-                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["location", "date"],
-            },
-        },
-    },
-]
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in WEATHER_TOOLS}
 BUDGET = 200  # max_tokens of the random-model runs
 SEEDS = range(6)
