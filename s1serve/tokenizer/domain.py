@@ -63,6 +63,14 @@ _SMILES_RUN_WITH_BRACKETS = re.compile(rf"(?:[{_UNIT_CHARS}]|\[[^\]]+\]){{10,}}"
 # Finer, inside those runs: a lowercase letter other than b c n o p s only ever follows a capital, so
 # ordinary words drop out here before the (slower) candidate regex sees them.
 _SMILES_ITEMS = re.compile(rf"(?:[A-Z][a-z]?|[bcnops{_SMILES_SYMBOLS}]|\[[^\]]+\]){{10,}}")
+# Coarser, and cheap: outside bracket atoms the SMILES check accepts only organic-subset atoms (Cl and Br
+# taken letter by letter here), bonds, parentheses, digits and '%'; a candidate that passes is at least ten
+# of those in a row, so a run without such a stretch holds no SMILES (whatever candidates it holds).
+_SMILES_PASSABLE = re.compile(r"(?:[BCFINOPSbclnoprs()\d%=#:/\\.$-]|\[[^\]]+\]){10}")
+
+# A character a detected span may begin with: '[' (a bracket atom), a capital (an element, an amino acid, a
+# nucleotide), an aromatic atom, or a SMILES symbol other than ':', '.' and '=' (no candidate starts so).
+SPAN_START = r"[\[A-Zbcnops()\-#@\d$%*+/\\]"
 
 _PROTEIN_CANDIDATE = re.compile(r"[A-Z]{27,}")
 _XNA_CANDIDATE = re.compile(r"[ATCGU]{27,}")
@@ -97,7 +105,7 @@ def _is_ascii_letter(c: str) -> bool:
 def _is_smiles(candidate: str) -> bool:
     """The reference's rule-based SMILES check (used when RDKit is absent): at least five ASCII letters and
     a hand-written grammar check."""
-    return sum(1 for c in candidate if _is_ascii_letter(c)) >= 5 and _rings_and_brackets_ok(candidate)
+    return _FIVE_LETTERS.match(candidate) is not None and _rings_and_brackets_ok(candidate)
 
 
 def _rings_and_brackets_ok(s: str) -> bool:
@@ -178,6 +186,8 @@ def _smiles_matches(text: str) -> Iterator[re.Match[str]]:
     letters, so a run with fewer (digits, dashes, ...) holds none."""
     for run in _smiles_runs(text).finditer(text):
         start, end = run.span()
+        if not _SMILES_PASSABLE.search(text, start, end):
+            continue
         if end - start <= 64:  # a typical molecule: the narrowing below would cost more than it saves
             yield from _SMILES_CANDIDATE.finditer(text, start, end)
             continue
@@ -248,6 +258,6 @@ def split_auto_detected(text: str) -> list[str]:
 
 def may_hold_span(chunk: str) -> bool:
     """False when no stage can find a span inside `chunk` wherever it stands in a longer text between
-    spaces. Candidates hold no spaces (bar bracket atoms, hence any '[' answers True), so a text whose
-    chunks all answer False needs no detection."""
-    return "[" in chunk or bool(_PROTEIN_CANDIDATE.search(chunk)) or any(True for _ in _smiles_matches(chunk))
+    spaces, provided no bracket atom ("[...]") of that text reaches out of `chunk`. Candidates hold no
+    spaces outside bracket atoms, so a text whose chunks all answer False needs no detection."""
+    return bool(_PROTEIN_CANDIDATE.search(chunk)) or any(True for _ in _smiles_matches(chunk))

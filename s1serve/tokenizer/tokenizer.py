@@ -11,10 +11,15 @@ Encoding follows `tokenization_interns1.py` step by step:
    BPE tokens met while the stack is not empty take the domain model's id when the model knows the same
    string (the reference looks every token string up in the domain model first). Markers get no id;
    protection tags are spelled out in BPE.
+
+Steps 3 and 4 are done in one pass, and text outside any tag (the bulk of a prompt) chunk by chunk: a
+detected span never reaches across a chunk boundary, so each chunk's final ids, spans included, are
+computed once and cached; a text seen before in pieces costs a few dictionary lookups.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import operator
@@ -29,10 +34,19 @@ from typing import Any
 import sentencepiece as spm
 
 from s1serve.assets import ASSETS_DIR
-from s1serve.tokenizer.bpe import SP_SPACE, ByteLevelBPE
+from s1serve.tokenizer.bpe import _NOT_SPACE, SP_SPACE, ByteLevelBPE, ChunkCache
 from s1serve.tokenizer.bytelevel import char_to_byte
 from s1serve.tokenizer.chat_template import ChatTemplate
-from s1serve.tokenizer.domain import AUTO_BEGIN, AUTO_END, PROTEIN, SMILES, XNA, may_hold_span, split_auto_detected
+from s1serve.tokenizer.domain import (
+    AUTO_BEGIN,
+    AUTO_END,
+    PROTEIN,
+    SMILES,
+    SPAN_START,
+    XNA,
+    may_hold_span,
+    split_auto_detected,
+)
 from s1serve.tokenizer.errors import ChatTemplateError, InvalidTokenIdError, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +60,14 @@ _PROTECT_BEGIN, _PROTECT_END = "<MOLFORMULA>", "</MOLFORMULA>"
 _SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _DOMAIN_CACHE_SIZE = 1 << 14
+_PLAIN_CACHE_CHARS, _MAX_CACHED_CHUNK_CHARS = 1 << 22, 4096
+# Text outside tags is cut as BPE text is (see bpe._chunks), so that detection too can work chunk by chunk,
+# with two exceptions: "[...]" stays whole (a SMILES bracket atom may hold spaces), and so does a space
+# between whitespace and a possible span (BPE gets the text before a span on its own, and there that space
+# ends a longer whitespace piece).
+_UNCUT_SPACE = rf"(?: (?!{_NOT_SPACE})|(?<=[\s\u180e\u200b\ufeff]) (?={SPAN_START}))"
+_PLAIN_CHUNK = re.compile(rf".[^ ]*(?:{_UNCUT_SPACE}[^ ]*)*", re.DOTALL)
+_BRACKETED_CHUNK = re.compile(rf"(?:\[[^\]]*\]|.)(?:[^ \[]+|\[[^\]]*\]|\[|{_UNCUT_SPACE})*", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,9 @@ class _Domain:
     pieces: Sequence[str]
     # BPE id -> this model's id, for BPE token strings the model also knows.
     bpe_to_domain: Mapping[int, int]
+    # Piece -> vocabulary id (the added token of the same string if there is one, else offset + piece id),
+    # for every piece but id 0, which the reference takes for "unknown".
+    piece_ids: Mapping[str, int]
 
 
 class Tokenizer:
@@ -89,7 +114,7 @@ class Tokenizer:
             tokens.update({domain.offset + j: piece for j, piece in enumerate(domain.pieces)})
         tokens.update(added_tokens)
         self.vocab_size = max(tokens) + 1
-        self._tokens: list[str | None] = [tokens.get(i) for i in range(self.vocab_size)]
+        self._tokens: tuple[str | None, ...] = tuple(tokens.get(i) for i in range(self.vocab_size))
         token_bytes = [_token_bytes(t) if t is not None else b"" for t in self._tokens]
         for i, content in added_tokens.items():
             token_bytes[i] = content.encode("utf-8")
@@ -114,11 +139,18 @@ class Tokenizer:
         self._explicit_begin = {f"<{tag}>" for tag in _EXPLICIT_TAGS} | {_PROTECT_BEGIN}
         self._explicit_end = {f"</{tag}>" for tag in _EXPLICIT_TAGS} | {_PROTECT_END}
         self._protect = {_PROTECT_BEGIN, _PROTECT_END}
+        self._tags = self._protect | self._domain_begin.keys() | self._domain_end  # cut-out strings that do more
         cut = sorted(set(self._added) | self._protect, key=len, reverse=True)
         self._cut_pattern = re.compile("(" + "|".join(map(re.escape, cut)) + ")")
         self._cut_initials = re.compile("[" + "".join(sorted({re.escape(t[0]) for t in cut})) + "]")
         # (domain, text) -> ids: SentencePiece's Python wrapper costs ~10 us a call, and prompts repeat.
         self._domain_cache: dict[tuple[str, str], list[int]] = {}
+        # Chunk of text outside any tag -> its final ids (detected spans included).
+        self._plain = ChunkCache(_PLAIN_CACHE_CHARS, _MAX_CACHED_CHUNK_CHARS)
+        # CPython's young collections scan each container they hold, element by element: have one see the
+        # two 155K-entry tuples above now (it stops tracking them: they hold no containers) and move the
+        # caches out of the young generations, rather than doing it in the first requests (~10 ms there).
+        gc.collect(1)
 
     # ---- encode -------------------------------------------------------------------------------------------
 
@@ -133,44 +165,49 @@ class Tokenizer:
                     f"text holds an unpaired surrogate U+{ord(bad.group()):04X} at index {bad.start()}; "
                     "it cannot be encoded as UTF-8"
                 )
-            if not unicodedata.is_normalized("NFC", text):
-                text = unicodedata.normalize("NFC", text)
-        if not self._cut_initials.search(text) or not self._cut_pattern.search(text):
-            if "[" not in text and text not in AUTO_BEGIN and text not in AUTO_END:
-                ids = self._bpe.unflagged_ids(text)  # seen before and no domain span possible
-                if ids is not None:
-                    return ids
-            pieces = split_auto_detected(text) if text else []
-            if len(pieces) == 1 and pieces[0] not in AUTO_BEGIN and pieces[0] not in AUTO_END:
-                return self._bpe.encode(text)
-        else:
-            pieces = self._detect(self._cut(text))
-        return self._encode_pieces(pieces)
-
-    def _cut(self, text: str) -> list[str]:
-        """Split around added tokens and protection tags (kept as their own pieces)."""
-        return [piece for piece in self._cut_pattern.split(text) if piece]
-
-    def _detect(self, pieces: list[str]) -> list[str]:
-        """Auto-detect domain spans in the text pieces that lie outside explicit tags and protection."""
-        out: list[str] = []
-        depth = 0
-        for piece in pieces:
-            if piece in self._added or piece in self._protect:
-                out.append(piece)
+            text = _nfc(text)
+        if not self._cut_initials.search(text):
+            return self._encode_text([], text, 0)
+        ids: list[int] = []
+        stack: list[_Domain] = []
+        depth = 0  # explicit tags and protection tags open around this point: no detection inside
+        for piece in self._cut_pattern.split(text):
+            if piece in self._tags:
                 if piece in self._explicit_begin:
                     depth += 1
                 elif piece in self._explicit_end:
                     depth = max(0, depth - 1)
-            elif depth or ("[" not in piece and self._bpe.is_unflagged(piece)):
-                out.append(piece)
-            else:
-                out += split_auto_detected(piece)
-        return out
+                ids += self._encode_pieces([piece], stack)
+            elif piece in self._added:
+                ids.append(self._added[piece])
+            elif piece:
+                ids += self._encode_text(stack, piece, depth)
+        return ids
 
-    def _encode_pieces(self, pieces: list[str]) -> list[int]:
+    def _encode_text(self, stack: list[_Domain], text: str, depth: int) -> list[int]:
+        """A piece of text between added tokens. The common case (no tag open, no marker spelled out) goes
+        chunk by chunk through the cache of final ids, detection included."""
+        if depth:
+            return self._encode_pieces([text], stack)
+        if stack or "_AUTO_DETECT>" in text:
+            return self._encode_pieces(split_auto_detected(text), stack)
+        return self._plain.encode(_plain_chunks(text), self._encode_new_chunks)
+
+    def _encode_new_chunks(self, chunks: list[str]) -> list[list[int]]:
+        """Final ids of unseen chunks outside any tag. A detected span never holds a space outside a
+        bracket atom (chunks keep those whole), and the checks around a span look at most one character
+        beyond it, so each chunk is detected on its own; the spans found are exactly the whole text's."""
+        if may_hold_span("".join(chunks)):
+            pieces = [split_auto_detected(c) for c in chunks]
+        else:
+            pieces = [[c] for c in chunks]
+        # The chunks without a span go to Rust together.
+        plain = iter(self._bpe.encode_chunks([p[0].replace(SP_SPACE, " ") for p in pieces if len(p) == 1]))
+        return [next(plain) if len(p) == 1 else self._encode_pieces(p, []) for p in pieces]
+
+    def _encode_pieces(self, pieces: list[str], stack: list[_Domain]) -> list[int]:
+        """Pieces (added tokens, markers, text) -> ids, pushing and popping domain models on `stack`."""
         ids: list[int] = []
-        stack: list[_Domain] = []
         for piece in pieces:
             if piece in self._protect:
                 ids += self._bpe_in(stack, piece)
@@ -210,15 +247,15 @@ class Tokenizer:
 
     def _encode_domain_uncached(self, stack: list[_Domain], text: str) -> list[int]:
         domain = stack[-1]
-        piece_ids = domain.model.encode(text)
-        # Id 0 is what the reference takes for "unknown to the domain model"; those pieces go to BPE.
-        pieces = domain.model.encode(text, out_type=str) if 0 in piece_ids else ()
         ids: list[int] = []
-        for n, piece_id in enumerate(piece_ids):
-            if piece_id == 0:
-                ids += self._bpe_in(stack, pieces[n].replace(SP_SPACE, " "))
+        # The reference encodes twice (pieces, then their ids); the pieces alone tell the same, as a piece
+        # of id 0 ("unknown") is text the model has no piece for.
+        for piece in domain.model.encode(text, out_type=str):
+            piece_id = domain.piece_ids.get(piece)
+            if piece_id is None:
+                ids += self._bpe_in(stack, piece)  # U+2581 reads as a space there
             else:
-                ids.append(self._added.get(domain.pieces[piece_id], piece_id + domain.offset))
+                ids.append(piece_id)
         return ids
 
     # ---- decode -------------------------------------------------------------------------------------------
@@ -305,6 +342,23 @@ class Tokenizer:
         return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
+def _plain_chunks(text: str) -> list[str]:
+    """Text outside any tag -> chunks that encode on their own, detection included: cut where its BPE text
+    (U+2581 read as a space) may be cut, never inside "[...]"."""
+    pattern = _BRACKETED_CHUNK if "[" in text else _PLAIN_CHUNK
+    if SP_SPACE not in text:
+        return pattern.findall(text)
+    return [text[m.start() : m.end()] for m in pattern.finditer(text.replace(SP_SPACE, " "))]
+
+
+def _nfc(text: str) -> str:
+    """NFC, line by line: a newline never takes part in normalisation, and in a long prompt most lines are
+    already NFC (checking is much cheaper than normalising)."""
+    if "\n" not in text:
+        return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+    return "\n".join([line if line.isascii() else _nfc(line) for line in text.split("\n")])
+
+
 def _placeholder_names(domains: Iterable[_Domain]) -> set[str]:
     """The reference also files every domain piece in its vocabulary as `<|NAME_piece|>`."""
     return {f"<|{d.name}_{piece}|>" for d in domains for piece in d.pieces}
@@ -360,12 +414,14 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
         unk = model.unk_id()
         pieces = [model.id_to_piece(j) for j in range(model.get_piece_size())]
         remap = {vocab[piece]: j + offset for j, piece in enumerate(pieces) if j != unk and piece in vocab}
-        domains[name] = _Domain(name, model, offset, pieces, remap)
+        piece_ids = {piece: by_content.get(piece, j + offset) for j, piece in enumerate(pieces) if j}
+        domains[name] = _Domain(name, model, offset, pieces, remap, piece_ids)
 
     eos = [by_content[t] for t in [special_map.get("eos_token")] if t in by_content]
     eos += _generation_eos(Path(model_dir))
     return Tokenizer(
-        bpe=ByteLevelBPE(folder / "vocab.json", folder / "merges.txt", flag=may_hold_span),
+        # BPE on its own serves only text inside tags and around detected spans: a smaller cache will do.
+        bpe=ByteLevelBPE(folder / "vocab.json", folder / "merges.txt", max_cached_chars=1 << 20),
         vocab=vocab,
         added_tokens=added,
         special_tokens=specials,
