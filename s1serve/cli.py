@@ -57,16 +57,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_demo(args: argparse.Namespace) -> int:
-    from s1serve import LLM, SamplingParams
-
+    """`make serve`: the OpenAI-compatible server with the guide's parsers on the embedded demo checkpoint."""
     model = demo_checkpoint()
-    print(f"demo checkpoint: {model}")
-    llm = LLM(model=model, dtype="float32")
-    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    out = llm.generate(prompt, SamplingParams(max_tokens=args.max_tokens, temperature=0))[0]
-    print(f"prompt ({len(out.prompt_token_ids)} tokens): {prompt!r}")
-    print(f"output ({len(out.token_ids)} tokens, finish_reason={out.finish_reason}): {out.text!r}")
-    return 0
+    print(f"demo checkpoint: {model}", flush=True)
+    return main(["serve", "api_server", str(model), "--model-name", "intern-s1-pro-demo", "--dtype", "float32",
+                 "--reasoning-parser", "intern-s1", "--tool-call-parser", "qwen3", *args.server_args])
 
 
 def cmd_api_server(args: argparse.Namespace) -> int:
@@ -103,15 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api_server)
     add_proxy_parser(serve)
 
-    demo = sub.add_parser("serve-demo", help="generate on the embedded demo checkpoint (what `make serve` runs)")
-    demo.add_argument("--prompt", default="Hello! What can you do?")
-    demo.add_argument("--max-tokens", type=int, default=24)
+    demo = sub.add_parser(
+        "serve-demo", help="api_server on the embedded demo checkpoint (what `make serve` runs); takes api_server flags"
+    )
     demo.set_defaults(func=cmd_serve_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve-demo":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.server_args = extra
     try:
         return args.func(args)
     except (S1ServeError, ValueError, FileNotFoundError) as exc:
