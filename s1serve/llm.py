@@ -1,111 +1,130 @@
-"""The offline API: `LLM(model=PATH).generate(prompts, SamplingParams(...))`."""
+"""The offline API: `LLM(model=PATH).generate(prompts, SamplingParams(...))`, batched through the engine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from tqdm import tqdm
 
-from s1serve.config import load_generation_defaults, load_model_config
+from s1serve.engine.config import EngineConfig
+from s1serve.engine.engine import Engine
 from s1serve.engine.model_runner import ModelRunner, StepSequence
-from s1serve.layers.sampler import sample
-from s1serve.models.registry import load_model, resolve_dtype
-from s1serve.sampling_params import SamplingParams
+from s1serve.engine.outputs import CompletionOutput, RequestOutput
+from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
-
-@dataclass
-class RequestOutput:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (eos or stop token) or "length" (max_tokens)
+Message = dict[str, Any]
 
 
 class LLM:
-    def __init__(self, model: str | Path, dtype: str = "auto", device: str = "cpu", block_size: int = 16):
+    """Loads a checkpoint and runs batches of prompts through one engine.
+
+    Engine arguments (`block_size`, `num_kv_blocks`, `max_num_batched_tokens`, ...) are the fields of EngineConfig.
+    The tokenizer loads on first use; with skip_tokenizer_init=True there is none (outputs carry ids, no text).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str = "auto",
+        device: str = "cpu",
+        skip_tokenizer_init: bool = False,
+        **engine_args: Any,
+    ):
         self.model_dir = Path(model)
-        self.config = load_model_config(self.model_dir)
-        self.defaults = load_generation_defaults(self.model_dir)
-        self.dtype = resolve_dtype(self.config.text.dtype if dtype == "auto" else dtype)
-        self.device = torch.device(device)
-        self.block_size = block_size
-        self.model = load_model(self.model_dir, self.dtype, self.device)
+        self.skip_tokenizer_init = skip_tokenizer_init
+        self.engine = Engine.from_checkpoint(self.model_dir, dtype, device, EngineConfig(**engine_args))
+        self.config = self.engine.runner.model.config
+        self.defaults = self.engine.defaults
+        self._ids = itertools.count()
 
     @cached_property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         from s1serve.tokenizer import load_tokenizer
 
         return load_tokenizer(self.model_dir)
 
-    def _runner(self, total_tokens: Sequence[int]) -> tuple[ModelRunner, list[list[int]]]:
-        """A runner whose cache gives every sequence its own contiguous run of blocks."""
-        tables, next_block = [], 0
-        for tokens in total_tokens:
-            blocks = -(-tokens // self.block_size)
-            tables.append(list(range(next_block, next_block + blocks)))
-            next_block += blocks
-        return ModelRunner(self.model, next_block, self.block_size), tables
-
-    def _check_prompt(self, ids: list[int], max_tokens: int) -> None:
-        vocab = self.config.text.vocab_size
-        if not ids:
-            raise ValueError("prompt is empty")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        limit = self.config.text.max_position_embeddings
-        if len(ids) + max_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's {limit} positions")
-
     def generate(
         self,
         prompts: str | Sequence[str] | None = None,
-        sampling_params: SamplingParams | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """One output per prompt, in prompt order. `sampling_params` is one for all prompts or one per prompt."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts or prompt_token_ids")
+        if self.engine.tokenizer is None and not self.skip_tokenizer_init:
+            self.engine.tokenizer = self.tokenizer
         if prompts is not None:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
         prompt_ids = [list(map(int, ids)) for ids in prompt_token_ids]
-        params = (sampling_params or SamplingParams()).with_defaults(self.defaults)
-        for ids in prompt_ids:
-            self._check_prompt(ids, params.max_tokens)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.defaults.eos_token_ids))
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompt_ids)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompt_ids):
+                raise InvalidParameterError(
+                    "sampling_params", f"got {len(params)} sampling_params for {len(prompt_ids)} prompts"
+                )
+        for ids, p in zip(prompt_ids, params):
+            self.engine.check_request(ids, p)
+        return self._run(prompt_ids, params, use_tqdm)
 
-        runner, tables = self._runner([len(p) + params.max_tokens for p in prompt_ids])
-        generators = [
-            None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed + i)
-            for i in range(len(prompt_ids))
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates the assistant turn of one conversation (a list of messages) or of each of several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                list(conv), tools=tools, add_generation_prompt=True, **(chat_template_kwargs or {})
+            )
+            for conv in conversations
         ]
-        outputs = [RequestOutput(p, [], "", "length") for p in prompt_ids]
-        step = [StepSequence(p, 0, t) for p, t in zip(prompt_ids, tables)]
-        live = list(range(len(prompt_ids)))
-        while live:
-            new_ids = sample(runner.last_logits(step), [params] * len(live), [generators[i] for i in live])
-            still, step = [], []
-            for i, token in zip(live, new_ids):
-                out = outputs[i]
-                out.token_ids.append(token)
-                if token in stop_ids:
-                    out.finish_reason = "stop"
-                elif len(out.token_ids) < params.max_tokens:
-                    still.append(i)
-                    step.append(StepSequence([token], len(out.prompt_token_ids) + len(out.token_ids) - 1, tables[i]))
-            live = still
-        for out in outputs:
-            out.text = self.tokenizer.decode(out.token_ids)
-        return outputs
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, prompt_ids: list[list[int]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        for ids, p in zip(prompt_ids, params):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, ids, p)
+            results[request_id] = RequestOutput(request_id, ids, [])
+        progress = tqdm(total=len(results), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        generated = 0
+        try:
+            while any(r.request_id in self.engine.requests for r in results.values()):
+                for delta in self.engine.step():
+                    result = results[delta.request_id]
+                    while len(result.outputs) <= delta.index:
+                        result.outputs.append(CompletionOutput(len(result.outputs)))
+                    result.outputs[delta.index].add(delta)
+                    generated += len(delta.token_ids)
+                    if delta.finish_reason is not None and delta.request_id not in self.engine.requests:
+                        progress.update(1)
+                        progress.set_postfix(output_tokens=generated, refresh=False)
+        finally:
+            for request_id in results:
+                self.engine.abort(request_id)
+            progress.close()
+        return list(results.values())
 
     def prompt_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Float32 logits [len(token_ids), vocab] at every position of one full prefill."""
+        """Float32 logits [len(token_ids), vocab] at every position of one full prefill (outside the engine)."""
         ids = list(map(int, token_ids))
-        self._check_prompt(ids, 0)
-        runner, tables = self._runner([len(ids)])
-        seq = StepSequence(ids, 0, tables[0])
+        self.engine.check_request(ids, SamplingParams())
+        block_size = self.engine.config.block_size
+        num_blocks = -(-len(ids) // block_size)
+        runner = ModelRunner(self.engine.runner.model, num_blocks, block_size)
+        hidden = runner.hidden_states([StepSequence(ids, 0, list(range(num_blocks)))])
         with torch.inference_mode():
-            return self.model.compute_logits(runner.hidden_states([seq]))
+            return runner.model.compute_logits(hidden)

@@ -1,35 +1,101 @@
-"""Per-request sampling settings. Unset fields (None) take the checkpoint's generation_config.json defaults."""
+"""Per-request sampling settings. Unset fields (None) take the checkpoint's generation_config.json defaults.
+
+Every check raises `InvalidParameterError` (a ValueError) whose message names the field and the allowed range,
+and whose `param` attribute carries the field name so that the server can report it.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from s1serve.config import GenerationDefaults
+from s1serve.engine.structured_output import Constraint
+
+MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs
+
+
+class InvalidParameterError(ValueError):
+    """A request field outside its allowed range; `param` names the field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
-    temperature: float | None = None
+    n: int = 1
+    max_tokens: int | None = 16  # None: until max_model_len
+    temperature: float | None = None  # 0: greedy
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = None  # 0 or -1: off
     min_p: float | None = None
+    repetition_penalty: float | None = None  # on prompt and output tokens (1.0: off)
+    presence_penalty: float = 0.0  # on output tokens
+    frequency_penalty: float = 0.0  # on output tokens, per occurrence
     seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob and the k most likely
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    constraint: Constraint | None = None  # a grammar the output must follow (tool_choice, response_format)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature is not None and self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self._check()
+
+    def _check(self) -> None:
+        def bad(param: str, message: str) -> InvalidParameterError:
+            return InvalidParameterError(param, f"{param} {message}")
+
+        if not _is_int(self.n) or self.n < 1:
+            raise bad("n", f"must be an integer >= 1, got {self.n!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if self.temperature is not None and (not _is_number(self.temperature) or self.temperature < 0):
+            raise bad("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < -1):
+            raise bad("top_k", f"must be -1 or 0 (off) or an integer >= 1, got {self.top_k!r}")
+        if self.min_p is not None and (not _is_number(self.min_p) or not 0 <= self.min_p <= 1):
+            raise bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if self.repetition_penalty is not None and (
+            not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0
+        ):
+            raise bad("repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise bad(name, f"must be in [-2, 2], got {value!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", f"must be an integer, got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", f"must be non-empty strings, got {list(self.stop)!r}")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"must be token ids >= 0, got {list(self.stop_token_ids)!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.n > 1 and self.temperature == 0:
+            raise bad("n", f"must be 1 with greedy sampling (temperature 0), got {self.n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
     def with_defaults(self, defaults: GenerationDefaults) -> "SamplingParams":
         """Fills every unset field from the checkpoint's generation defaults."""
@@ -39,4 +105,7 @@ class SamplingParams:
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             top_k=defaults.top_k if self.top_k is None else self.top_k,
             min_p=defaults.min_p if self.min_p is None else self.min_p,
+            repetition_penalty=(
+                defaults.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty
+            ),
         )

@@ -1,7 +1,13 @@
-"""The paged KV cache: per layer a (keys, values) pair of [num_blocks, block_size, kv_heads, head_dim] tensors."""
+"""The paged KV cache: per layer a (keys, values) pair of [kv_heads, num_blocks, block_size, head_dim] tensors.
+
+Its size comes from `--num-kv-blocks`, or from `--cache-max-entry-count` as a fraction of the memory the device
+has free once the weights are loaded. On CPU the cache is zero memory the OS maps on first write (calloc), so an
+engine only holds the pages of blocks it has used.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from s1serve.config import TextConfig
@@ -14,11 +20,30 @@ def kv_bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> 
     return cfg.num_hidden_layers * block_size * per_token
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def num_blocks_for_memory(
+    cfg: TextConfig, block_size: int, dtype: torch.dtype, device: torch.device, fraction: float
+) -> int:
+    return int(free_memory_bytes(device) * fraction) // kv_bytes_per_block(cfg, block_size, dtype)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 def allocate_kv_cache(
     cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
 ) -> list[KVCache]:
-    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(cfg.num_hidden_layers)
-    ]
+    shape = (cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
+    device = torch.device(device)
+    return [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(cfg.num_hidden_layers)]

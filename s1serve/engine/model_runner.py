@@ -1,7 +1,7 @@
 """Runs one forward over a flat batch of sequences (prefill chunks and decode tokens together).
 
 Each sequence in a step brings its new token ids, the number of its tokens already cached, and its block table;
-the runner returns the logits of each sequence's last new token.
+the runner returns the logits of the last new token of the sequences that asked for them.
 """
 
 from __future__ import annotations
@@ -46,13 +46,16 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
-        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=self.device)
-        positions = batch.context_lens[batch.token_seq] + batch.token_row
-        return self.model(ids, positions, self.caches, batch)
+        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long).to(self.device)
+        return self.model(ids, batch.positions, self.caches, batch)
 
     @torch.inference_mode()
+    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor:
+        """Runs the step; float32 logits [len(logits_for), vocab] at the last new token of those sequences."""
+        hidden = self.hidden_states(seqs)
+        ends = torch.cumsum(torch.tensor([len(s.token_ids) for s in seqs]), 0) - 1
+        return self.model.compute_logits(hidden[ends[logits_for].to(self.device)])
+
     def last_logits(self, seqs: list[StepSequence]) -> torch.Tensor:
         """Float32 logits [num sequences, vocab] at each sequence's last new token."""
-        hidden = self.hidden_states(seqs)
-        last = torch.cumsum(torch.tensor([len(s.token_ids) for s in seqs], device=self.device), 0) - 1
-        return self.model.compute_logits(hidden[last])
+        return self.execute(seqs, list(range(len(seqs))))

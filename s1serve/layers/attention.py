@@ -1,11 +1,14 @@
 """Attention over a paged KV cache for a flat batch of tokens from many sequences.
 
-The cache of one layer is a pair of tensors [num_blocks, block_size, kv_heads, head_dim]; a sequence owns the
-blocks listed in its row of the block table. One step may mix prefill chunks and decode tokens: every sequence
+The cache of one layer is a pair of tensors [kv_heads, num_blocks, block_size, head_dim] (heads outermost, so
+that a gather by block table yields contiguous per-head key matrices); a sequence owns the blocks listed in its
+row of the block table. One step may mix prefill chunks and decode tokens: every sequence
 contributes `query_len` new tokens that sit after `context_len` cached ones.
 
 The CPU path gathers each sequence's keys by block table and runs a grouped matmul -> float32 softmax -> matmul
 (query heads grouped under their KV head), which measured far faster than SDPA for one-token queries in bf16.
+Sequences are padded within groups of similar shape; decode and prefill go through the same code, so a token's
+result does not depend on how its sequence was scheduled (the bf16 CPU kernels are row-invariant).
 """
 
 from __future__ import annotations
@@ -23,17 +26,24 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences attended together, padded to the group's longest query and context."""
+
+    token_index: torch.Tensor  # [t] rows of the flat batch that belong to this group
+    block_tables: torch.Tensor  # [b, max_blocks] block ids per sequence (padding entries point at block 0)
+    token_seq: torch.Tensor  # [t] sequence (within the group) of each token
+    token_row: torch.Tensor  # [t] index of each token inside its sequence's query
+    allowed: torch.Tensor  # [b, max_q, max_blocks * block_size] causal mask over the padded keys
+    max_query_len: int
+
+
+@dataclass(frozen=True)
 class AttentionBatch:
     """Where each token of a flat batch belongs. Built once per step, shared by every layer."""
 
     slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each new token
-    block_tables: torch.Tensor  # [B, max_blocks] block ids per sequence (padding entries point at block 0)
-    context_lens: torch.Tensor  # [B] tokens already cached before this step
-    seq_lens: torch.Tensor  # [B] context_lens + query lens
-    token_seq: torch.Tensor  # [T] sequence index of each new token
-    token_row: torch.Tensor  # [T] index of each new token inside its sequence's query
-    max_query_len: int
-    max_seq_len: int
+    positions: torch.Tensor  # [T] position of each new token in its sequence
+    groups: tuple[AttentionGroup, ...]
 
     @classmethod
     def build(
@@ -44,28 +54,74 @@ class AttentionBatch:
         block_size: int,
         device: torch.device | str,
     ) -> "AttentionBatch":
-        seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
-        width = max(len(t) for t in block_tables)
-        table = torch.zeros(len(block_tables), width, dtype=torch.long)
-        for i, row in enumerate(block_tables):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         q_lens = torch.tensor(query_lens, dtype=torch.long)
-        ctx = torch.tensor(context_lens, dtype=torch.long)
-        token_seq = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
         starts = torch.cumsum(q_lens, 0) - q_lens
-        token_row = torch.arange(int(q_lens.sum())) - starts[token_seq]
-        positions = ctx[token_seq] + token_row
-        slots = table[token_seq, positions // block_size] * block_size + positions % block_size
-        return cls(
-            slot_mapping=slots.to(device),
-            block_tables=table.to(device),
-            context_lens=ctx.to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
-            token_seq=token_seq.to(device),
-            token_row=token_row.to(device),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
+        token_seq = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
+        token_row = torch.arange(len(token_seq)) - starts[token_seq]
+        positions = torch.tensor(context_lens, dtype=torch.long)[token_seq] + token_row
+        table_ids = torch.tensor([b for row in block_tables for b in row], dtype=torch.long)
+        table_starts = torch.tensor([0] + [len(row) for row in block_tables[:-1]], dtype=torch.long).cumsum(0)
+        slots = table_ids[table_starts[token_seq] + positions // block_size] * block_size + positions % block_size
+        groups = tuple(
+            _build_group(members, query_lens, context_lens, block_tables, block_size, starts.tolist(), device)
+            for members in _partition(query_lens, context_lens)
         )
+        return cls(slot_mapping=slots.to(device), positions=positions.to(device), groups=groups)
+
+
+def _partition(query_lens: list[int], context_lens: list[int]) -> list[list[int]]:
+    """Splits sequences into groups whose padded attention work stays within twice the real work.
+
+    Padding a group to its longest query and context costs (members x max_q x max_s); sorting by that shape
+    keeps e.g. one long prefill chunk from padding every decode token of the step to its length.
+    """
+    shape = lambda i: (query_lens[i], context_lens[i] + query_lens[i])  # noqa: E731
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(query_lens)), key=shape):
+        q, s = shape(i)
+        if groups and (len(groups[-1]) + 1) * q * s > 2 * (real + q * s):
+            groups.append([])
+            real = 0
+        if not groups:
+            groups.append([])
+        groups[-1].append(i)
+        real += q * s
+    return [sorted(g) for g in groups]  # batch order inside a group: one group needs no reordering
+
+
+def _build_group(
+    members: list[int],
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    starts: list[int],
+    device: torch.device | str,
+) -> AttentionGroup:
+    q_lens = torch.tensor([query_lens[i] for i in members], dtype=torch.long)
+    ctx = torch.tensor([context_lens[i] for i in members], dtype=torch.long)
+    seq_lens = ctx + q_lens
+    width = max(len(block_tables[i]) for i in members)
+    table = torch.zeros(len(members), width, dtype=torch.long)
+    for row, i in enumerate(members):
+        table[row, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
+    token_seq = torch.repeat_interleave(torch.arange(len(members)), q_lens)
+    local_starts = torch.cumsum(q_lens, 0) - q_lens
+    token_row = torch.arange(len(token_seq)) - local_starts[token_seq]
+    token_index = torch.tensor([starts[i] for i in members], dtype=torch.long)[token_seq] + token_row
+    max_q = int(q_lens.max())
+    query_pos = ctx[:, None] + torch.arange(max_q)[None, :]  # [b, Q]
+    key_pos = torch.arange(width * block_size)[None, None, :]
+    allowed = (key_pos <= query_pos[:, :, None]) & (key_pos < seq_lens[:, None, None])
+    return AttentionGroup(
+        token_index=token_index.to(device),
+        block_tables=table.to(device),
+        token_seq=token_seq.to(device),
+        token_row=token_row.to(device),
+        allowed=allowed.to(device),
+        max_query_len=max_q,
+    )
 
 
 def paged_attention(
@@ -73,32 +129,48 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]. Writes k, v into the cache, attends causally, returns [T, H, D]."""
     k_cache, v_cache = cache
-    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+    kv_heads, _, _, head_dim = k_cache.shape
+    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, batch.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, batch.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+    if len(batch.groups) == 1:
+        return _attend_group(q, cache, batch.groups[0], scale)
+    out = torch.empty_like(q)
+    for group in batch.groups:
+        out[group.token_index] = _attend_group(q[group.token_index], cache, group, scale)
+    return out
 
-    num_seqs, heads = batch.block_tables.shape[0], q.shape[1]
-    group = heads // kv_heads
-    q_len, s_len = batch.max_query_len, batch.max_seq_len
-    keys = k_cache[batch.block_tables].flatten(1, 2)[:, :s_len]  # [B, S, KVH, D]
-    values = v_cache[batch.block_tables].flatten(1, 2)[:, :s_len]
 
-    padded = q.new_zeros(num_seqs, q_len, heads, head_dim)
-    padded[batch.token_seq, batch.token_row] = q
-    # [B, KVH, group*Q, D]: the query heads that share a KV head become extra rows of one matmul.
-    grouped = padded.view(num_seqs, q_len, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    grouped = grouped.reshape(num_seqs, kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1).to(q.dtype)) * scale  # [B, KVH, group*Q, S]
-    scores = scores.view(num_seqs, kv_heads, group, q_len, s_len)
+def _attend_group(q: torch.Tensor, cache: KVCache, group: AttentionGroup, scale: float) -> torch.Tensor:
+    """Attention of one group's tokens q [t, H, D] (in group order) over their sequences' cached keys.
 
-    query_pos = batch.context_lens[:, None] + torch.arange(q_len, device=q.device)[None, :]  # [B, Q]
-    key_pos = torch.arange(s_len, device=q.device)
-    allowed = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < batch.seq_lens[:, None, None])
-    scores = scores.float().masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(num_seqs, kv_heads, group * q_len, s_len)
-    out = torch.matmul(probs, values.permute(0, 2, 1, 3).to(q.dtype))  # [B, KVH, group*Q, D]
-    out = out.view(num_seqs, kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4).reshape(num_seqs, q_len, heads, head_dim)
-    return out[batch.token_seq, batch.token_row]
+    Keys are gathered whole blocks at a time into [KVH, B, S, D] with S = blocks x block_size (contiguous, so
+    the matmul needs no copy; masking covers the tail), and the query heads sharing a KV head become extra rows.
+    """
+    k_cache, v_cache = cache
+    kv_heads, _, block_size, head_dim = k_cache.shape
+    num_seqs, width = group.block_tables.shape
+    heads = q.shape[1]
+    group_size, q_len, s_len = heads // kv_heads, group.max_query_len, width * block_size
+    blocks = group.block_tables.flatten()
+    keys = k_cache.index_select(1, blocks).view(kv_heads, num_seqs, s_len, head_dim)
+    values = v_cache.index_select(1, blocks).view(kv_heads, num_seqs, s_len, head_dim)
+
+    if q_len == 1:
+        padded = q.view(num_seqs, 1, heads, head_dim)
+    else:
+        padded = q.new_zeros(num_seqs, q_len, heads, head_dim)
+        padded[group.token_seq, group.token_row] = q
+    # [KVH, B, group*Q, D]: the query heads that share a KV head become extra rows of one matmul.
+    grouped = padded.view(num_seqs, q_len, kv_heads, group_size, head_dim).permute(2, 0, 3, 1, 4)
+    grouped = grouped.reshape(kv_heads, num_seqs, group_size * q_len, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2).to(q.dtype)) * scale  # [KVH, B, group*Q, S]
+    scores = scores.view(kv_heads, num_seqs, group_size, q_len, s_len).float()
+    scores = scores.masked_fill(~group.allowed[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kv_heads, num_seqs, group_size * q_len, s_len)
+    out = torch.matmul(probs, values.to(q.dtype))  # [KVH, B, group*Q, D]
+    out = out.view(kv_heads, num_seqs, group_size, q_len, head_dim).permute(1, 3, 0, 2, 4)
+    out = out.reshape(num_seqs, q_len, heads, head_dim)
+    return out.view(num_seqs, heads, head_dim) if q_len == 1 else out[group.token_seq, group.token_row]
 
 
 class Attention(nn.Module):

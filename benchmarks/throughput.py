@@ -1,0 +1,257 @@
+"""Offline throughput: s1serve's engine against HF transformers on identical weights, side by side in one run.
+
+    .venv/bin/python benchmarks/throughput.py [--model DIR] [--hf-python /tmp/refvenv/bin/python]
+                                              [--concurrency 1 8 64] [--input-len 128] [--output-len 128]
+
+The checkpoint is `make-tiny --preset bench --arch qwen3_moe` (written to --model on first use): the bench
+preset's decoder with plain RoPE and plain top-k routing, which transformers runs as its native Qwen3-MoE.
+For each concurrency C, C requests of --input-len random prompt ids generate exactly --output-len ids each
+(greedy, eos ignored), all submitted at once; output tokens/s = C * output-len / wall time (prefill included),
+the best of --repeats runs (a shared machine stalls multi-threaded runs at random; the best run is the one that
+was not disturbed).
+transformers runs in a subprocess of its own Python (--hf-python): plain `generate` on the whole batch (equal
+prompt lengths: no padding), and `generate_batch` (its continuous-batching API) where the version has one.
+
+Batch-1 decode is also measured against the memory-bandwidth roofline: bytes of weights one decode step reads
+(everything but the embedding table and the unrouted experts; one embedding row, top-k experts per layer) over
+the read bandwidth measured in the same run (sum over a 1 GiB tensor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from s1serve import LLM, SamplingParams  # noqa: E402
+from s1serve.checkpoint.tiny import write_tiny_checkpoint  # noqa: E402
+from s1serve.layers.moe import SparseMoE  # noqa: E402
+
+DEFAULT_MODEL = Path(os.environ.get("S1SERVE_CACHE", Path.home() / ".cache" / "s1serve")) / "bench-qwen3_moe-seed0"
+
+# Runs inside transformers' Python. Reads {"model", "prompts": {C: [[ids]]}, "output_len", "threads", "repeats"}
+# on stdin and prints {"generate": {C: seconds}, "generate_batch": {C: seconds} | error, "decode_step_s": s,
+# "ids": first output}; each time is the best of the repeats.
+HF_SCRIPT = r"""
+import json, sys, time, logging, statistics
+import torch
+logging.disable(logging.WARNING)
+from transformers import AutoModelForCausalLM, GenerationConfig
+job = json.load(sys.stdin)
+torch.set_num_threads(job["threads"])
+out_len = job["output_len"]
+model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.bfloat16).eval()
+def run(prompts, new):
+    ids = torch.tensor(prompts)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                             min_new_tokens=new, pad_token_id=0)
+    return time.perf_counter() - t, out[:, ids.shape[1]:].tolist()
+result = {"generate": {}, "generate_batch": {}}
+run(job["prompts"]["1"], 4)  # warm-up
+for c, prompts in job["prompts"].items():
+    seconds, ids = min(run(prompts, out_len) for _ in range(job["repeats"]))
+    result["generate"][c] = seconds
+    if c == "1":
+        result["ids"] = ids[0]
+        short = min(run(prompts, 1)[0] for _ in range(job["repeats"]))
+        result["decode_step_s"] = (seconds - short) / (out_len - 1)
+try:
+    model.set_attn_implementation("sdpa_paged")
+    config = GenerationConfig(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, eos_token_id=-1,
+                              pad_token_id=0)
+    model.generate_batch(inputs=job["prompts"]["1"], generation_config=config, progress_bar=False)  # warm-up
+    for c, prompts in job["prompts"].items():
+        times = []
+        for _ in range(job["repeats"]):
+            t = time.perf_counter()
+            outs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+            times.append(time.perf_counter() - t)
+            if len(outs) != len(prompts) or any(len(o.generated_tokens) != out_len for o in outs.values()):
+                raise RuntimeError(f"generate_batch returned {len(outs)} of {len(prompts)} requests (it sizes its "
+                                   "paged cache from GPU memory; on CPU its generation thread fails)")
+        result["generate_batch"][c] = min(times)
+except Exception as exc:
+    result["generate_batch"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(result))
+"""
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a sum over 1 GiB (median of 5), the roofline's denominator."""
+    x = torch.ones(256 << 20, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.nbytes / statistics.median(times)
+
+
+def decode_bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one batch-1 decode step reads: all but the embedding table and the experts not routed to."""
+    total = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            size = param.numel() * param.element_size()
+            if module is model.embed_tokens:
+                size = param.shape[1] * param.element_size()  # one row
+            elif isinstance(module, SparseMoE) and name in ("w13", "w2"):
+                size = size * module.top_k // module.num_experts
+            total += size
+    return total
+
+
+def machine() -> str:
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{name}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average at start {os.getloadavg()[0]:.1f}"
+    )
+
+
+def run_s1serve(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int) -> tuple[float, list[list[int]]]:
+    """Best wall time of `repeats` runs, with the ids generated. The prefix cache is emptied before each run."""
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    times = []
+    for _ in range(repeats):
+        llm.engine.blocks.reset_prefix_cache()
+        start = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+        assert all(len(o.token_ids) == output_len for o in outs)
+    return min(times), [o.token_ids for o in outs]
+
+
+def s1serve_decode_step(llm: LLM, prompt: list[int], output_len: int, repeats: int) -> float:
+    """Median wall time of the engine's batch-1 decode steps (the first step, the prefill, excluded); the best
+    of the repeats."""
+    engine = llm.engine
+    medians = []
+    for run in range(repeats):
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        engine.add_request(f"decode-{run}", prompt, params)
+        times = []
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        medians.append(statistics.median(times[1:]))
+    return min(medians)
+
+
+def run_hf(python: str, model: Path, prompts: dict[int, list[list[int]]], output_len: int, repeats: int) -> dict | str:
+    job = {
+        "model": str(model),
+        "prompts": {str(c): p for c, p in prompts.items()},
+        "output_len": output_len,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+    }
+    try:
+        proc = subprocess.run([python, "-c", HF_SCRIPT], input=json.dumps(job), capture_output=True, text=True)
+    except OSError as exc:
+        return f"could not run {python}: {exc}"
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        return f"transformers failed: {last}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="qwen3_moe checkpoint (written if missing)")
+    parser.add_argument("--hf-python", default="/tmp/refvenv/bin/python", help="a Python with transformers")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the best counts")
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if not (args.model / "config.json").is_file():
+        print(f"writing the bench checkpoint (qwen3_moe) to {args.model} ...", flush=True)
+        write_tiny_checkpoint(args.model, "bench", seed=0, arch="qwen3_moe")
+    rng = random.Random(0)
+    prompts = {
+        c: [[rng.randrange(1000, 150000) for _ in range(args.input_len)] for _ in range(c)] for c in args.concurrency
+    }
+    print(f"machine: {machine()}", flush=True)
+
+    llm = LLM(args.model, dtype="bfloat16", skip_tokenizer_init=True)
+    run_s1serve(llm, prompts[min(prompts)][:1], 4, 1)  # warm-up
+    ours: dict[int, float] = {}
+    our_first: list[int] = []
+    for c, batch in prompts.items():
+        seconds, ids = run_s1serve(llm, batch, args.output_len, args.repeats)
+        ours[c] = c * args.output_len / seconds
+        our_first = our_first or ids[0]
+        print(f"s1serve  C={c:<3} {ours[c]:8.1f} output tok/s ({seconds:.1f} s)", flush=True)
+    step = s1serve_decode_step(llm, prompts[min(prompts)][0], args.output_len, args.repeats)
+    bandwidth = read_bandwidth()
+    weight_bytes = decode_bytes_per_token(llm.engine.runner.model)
+    roofline = bandwidth / weight_bytes
+    del llm
+
+    hf: dict | str = "skipped (--skip-hf)"
+    if not args.skip_hf:
+        hf = run_hf(args.hf_python, args.model, prompts, args.output_len, args.repeats)
+    hf_columns: dict[str, dict[int, float]] = {}
+    if isinstance(hf, dict):
+        for api in ("generate", "generate_batch"):
+            if isinstance(hf[api], dict):
+                hf_columns[api] = {int(c): int(c) * args.output_len / s for c, s in hf[api].items()}
+            else:
+                print(f"transformers {api}: {hf[api]}")
+    else:
+        print(f"transformers: {hf}")
+
+    print()
+    print(f"Offline throughput, {args.input_len} in / {args.output_len} out, greedy, bench preset (qwen3_moe, bf16)")
+    header = ["concurrent requests", "s1serve tok/s"] + [f"HF `{api}` tok/s" for api in hf_columns]
+    header.append("s1serve / best HF")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for c in args.concurrency:
+        cells = [str(c), f"{ours[c]:.1f}"] + [f"{hf_columns[api].get(c, float('nan')):.1f}" for api in hf_columns]
+        best = max((hf_columns[api].get(c, 0.0) for api in hf_columns), default=0.0)
+        cells.append(f"{ours[c] / best:.2f}x" if best else "n/a")
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print(
+        f"Batch-1 decode: s1serve {1 / step:.1f} tok/s ({step * 1e3:.1f} ms/step); roofline {roofline:.1f} tok/s "
+        f"= {weight_bytes / 1e6:.0f} MB of weights per token / {bandwidth / 1e9:.1f} GB/s read bandwidth; "
+        f"s1serve at {100 / step / roofline:.0f}% of the roofline"
+        + (f"; HF generate {1 / hf['decode_step_s']:.1f} tok/s" if isinstance(hf, dict) else "")
+    )
+    if isinstance(hf, dict):
+        same = next((i for i, (a, b) in enumerate(zip(our_first, hf["ids"])) if a != b), len(our_first))
+        print(f"Greedy ids of the first C=1 prompt: s1serve and HF agree on the first {same} of {args.output_len}")
+    print(f"Machine: {machine()}")
+
+
+if __name__ == "__main__":
+    main()

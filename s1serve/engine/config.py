@@ -1,0 +1,68 @@
+"""EngineConfig: the engine's knobs, each with the command-line flag that sets it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 64  # tokens per KV block
+    num_kv_blocks: int | None = None  # KV capacity in blocks; None: from cache_max_entry_count
+    cache_max_entry_count: float = 0.8  # fraction of free device memory (after the weights) given to the KV cache
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 256  # sequences running at once
+    max_model_len: int | None = None  # prompt + output cap; None: the model's max positions (and the KV capacity)
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds the generators of requests that bring no seed, in arrival order
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{flag(name)} must be an integer >= 1, got {value!r}")
+
+        for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            positive(name)
+        if not 0 < self.cache_max_entry_count <= 1:
+            raise ValueError(f"{flag('cache_max_entry_count')} must be in (0, 1], got {self.cache_max_entry_count!r}")
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> "EngineConfig":
+        """The config from parsed flags (see add_engine_args); excluded fields keep their defaults."""
+        names = [f.name for f in fields(cls) if f.name not in exclude and hasattr(args, f.name)]
+        return cls(**{name: getattr(args, name) for name in names})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an EngineConfig field."""
+    return "--" + name.replace("_", "-")
+
+
+_HELP = {
+    "block_size": "tokens per KV-cache block",
+    "num_kv_blocks": "KV-cache capacity in blocks (default: from --cache-max-entry-count)",
+    "cache_max_entry_count": "fraction of free device memory, after loading the weights, for the KV cache",
+    "max_num_batched_tokens": "most tokens (prefill chunks + decodes) in one engine step",
+    "max_num_seqs": "most sequences running at once",
+    "max_model_len": "most tokens (prompt + output) of one sequence (default: the model's max positions)",
+    "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes",
+    "seed": "seed for the generators of requests that set no seed",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Adds one flag per EngineConfig field (`--block-size`, ..., `--no-enable-prefix-caching`), but the excluded
+    ones (e.g. "seed" where a command already has a sampling --seed)."""
+    group = parser.add_argument_group("engine")
+    for f in fields(EngineConfig):
+        if f.name in exclude:
+            continue
+        if f.type == "bool":
+            group.add_argument(
+                flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=_HELP[f.name]
+            )
+        else:
+            kind = float if "float" in str(f.type) else int
+            group.add_argument(flag(f.name), type=kind, default=f.default, help=_HELP[f.name])

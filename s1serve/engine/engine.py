@@ -1,0 +1,303 @@
+"""The synchronous engine core: add requests, step, abort.
+
+One step = schedule -> one forward over the flat batch -> sample the sequences whose known tokens are all
+computed -> append, check stops, fork n > 1 requests -> deltas. Nothing here depends on time or threads: the same
+requests added in the same order give the same ids, and a request's ids do not depend on what else is running
+(bf16 kernels on CPU are row-invariant; each request samples from its own generator).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from s1serve.config import GenerationDefaults, load_generation_defaults
+from s1serve.engine.block_manager import BlockManager
+from s1serve.engine.config import EngineConfig, flag
+from s1serve.engine.kv_cache import num_blocks_for_memory
+from s1serve.engine.model_runner import ModelRunner, StepSequence
+from s1serve.engine.outputs import OutputDelta
+from s1serve.engine.request import Request, Sequence, SequenceStatus
+from s1serve.engine.scheduler import Scheduler
+from s1serve.engine.structured_output import GrammarCompiler, apply_mask
+from s1serve.engine.text_output import TextOutput, TokenizerDetokenizer
+from s1serve.layers.sampler import Sampler, TokenLogprob
+from s1serve.models.registry import load_model, resolve_dtype
+from s1serve.sampling_params import InvalidParameterError, SamplingParams
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig,
+        defaults: GenerationDefaults,
+        tokenizer: Any | None = None,
+    ):
+        text = model.config.text
+        param = next(model.parameters())
+        num_blocks = config.num_kv_blocks or num_blocks_for_memory(
+            text, config.block_size, param.dtype, param.device, config.cache_max_entry_count
+        )
+        if num_blocks < 1:
+            raise ValueError(f"no memory left for the KV cache: lower the model size or set {flag('num_kv_blocks')}")
+        if config.max_model_len is not None and config.max_model_len > text.max_position_embeddings:
+            raise ValueError(
+                f"{flag('max_model_len')} ({config.max_model_len}) exceeds the model's max positions "
+                f"({text.max_position_embeddings})"
+            )
+        self.config = config
+        self.defaults = defaults
+        self.tokenizer = tokenizer
+        self.vocab_size = text.vocab_size
+        self.max_model_len = min(config.max_model_len or text.max_position_embeddings, num_blocks * config.block_size)
+        fallback_eos = [] if text.eos_token_id is None else [text.eos_token_id]
+        self.eos_ids = frozenset(defaults.eos_token_ids or fallback_eos)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self._seeds = random.Random(config.seed)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model: str | Path,
+        dtype: str = "auto",
+        device: str = "cpu",
+        config: EngineConfig | None = None,
+        tokenizer: Any | None = None,
+    ) -> "Engine":
+        from s1serve.config import load_model_config
+
+        model_dir = Path(model)
+        text = load_model_config(model_dir).text
+        torch_dtype = resolve_dtype(text.dtype if dtype == "auto" else dtype)
+        network = load_model(model_dir, torch_dtype, torch.device(device))
+        return cls(network, config or EngineConfig(), load_generation_defaults(model_dir), tokenizer)
+
+    # ------------------------------------------------------------------------------------------------ requests
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Validates a request (also outside the engine thread); returns its params with defaults filled in."""
+        if not prompt_token_ids:
+            raise InvalidParameterError("prompt", "prompt is empty: give at least one token")
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidParameterError(
+                "prompt", f"prompt token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidParameterError(
+                "prompt",
+                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}, so a prompt may "
+                f"have at most {self.max_model_len - 1} (one position is needed for output)",
+            )
+        if params.n > self.config.max_num_seqs:
+            raise InvalidParameterError(
+                "n", f"n ({params.n}) exceeds {flag('max_num_seqs')} ({self.config.max_num_seqs})"
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameterError("stop", "stop strings need a tokenizer; this engine has none")
+        if params.constraint is not None:
+            if self.tokenizer is None:
+                raise InvalidParameterError("constraint", "constrained decoding needs a tokenizer; this engine has none")
+            self.grammars.validate(params.constraint)
+        return params.with_defaults(self.defaults)
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Built on the first constrained request: turning the token table into the grammar engine's takes ~0.5 s."""
+        eos = next(iter(sorted(self.eos_ids)), None)
+        return GrammarCompiler.from_tokenizer(self.tokenizer, self.runner.model.config.text.vocab_size, eos)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt = list(prompt_token_ids)
+        params = self.check_request(prompt, params)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            params=params,
+            seed=self._seeds.getrandbits(63) if params.seed is None else params.seed,
+            max_len=self.max_model_len,
+            stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids),
+        )
+        seq = self._new_sequence(request, 0, prompt)
+        seq.pending_forks = params.n - 1
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        params = request.params
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = TokenizerDetokenizer(
+                self.tokenizer,
+                request.prompt_token_ids,
+                params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+            )
+        seq = Sequence(
+            request=request,
+            index=index,
+            token_ids=list(token_ids),
+            generator=torch.Generator().manual_seed(request.sample_seed(index)),
+            text=TextOutput(detokenizer, params.stop),
+            grammar=None if params.constraint is None else self.grammars.matcher(params.constraint),
+        )
+        request.sequences.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> list[OutputDelta]:
+        """Stops a request and frees its blocks; returns the closing delta of each unfinished sample."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return []
+        deltas = []
+        for seq in request.sequences:
+            if not seq.finished:
+                self._finish(seq, "abort")
+                deltas.append(self._delta(seq, [], None))
+        return deltas
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -------------------------------------------------------------------------------------------------- a step
+
+    def step(self) -> list[OutputDelta]:
+        out = self.scheduler.schedule()
+        deltas = []
+        for seq in out.infeasible:
+            self._finish(seq, "length")
+            deltas.append(self._delta(seq, [], None))
+        if not out.scheduled:
+            return deltas
+
+        step = [StepSequence(seq.next_tokens(n), seq.num_computed_tokens, seq.block_table) for seq, n in out.scheduled]
+        ready = [i for i, (seq, n) in enumerate(out.scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
+        logits = self.runner.execute(step, ready)
+        for seq, n in out.scheduled:
+            seq.num_computed_tokens += n
+            self.blocks.cache_full_blocks(seq)
+
+        samples: list[Sequence] = []
+        rows: list[int] = []
+        for row, i in enumerate(ready):
+            seq = out.scheduled[i][0]
+            family = [seq] + self._fork(seq)
+            samples += family
+            rows += [row] * len(family)
+        if not samples:
+            return deltas
+        if rows != list(range(len(ready))):
+            logits = logits[rows]
+        constrained = [(row, seq.grammar) for row, seq in enumerate(samples) if seq.grammar is not None]
+        if constrained:
+            logits = logits.clone()  # the runner's logits are inference tensors: no in-place updates
+            for row, grammar in constrained:
+                apply_mask(logits[row], grammar)
+        result = self.sampler(
+            logits,
+            [s.request.params for s in samples],
+            [s.generator for s in samples],
+            [s.request.prompt_token_ids for s in samples],
+            [s.output_token_ids for s in samples],
+        )
+        for seq, token, logprob in zip(samples, result.token_ids, result.logprobs):
+            deltas.append(self._append(seq, token, logprob))
+        return deltas
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The other n - 1 samples of a request whose prompt was just computed; they share its full blocks."""
+        children = []
+        for _ in range(parent.pending_forks):
+            child = self._new_sequence(parent.request, len(parent.request.sequences), parent.token_ids)
+            self.blocks.share_prefix(parent, child)
+            self.scheduler.add_running(child)
+            children.append(child)
+        parent.pending_forks = 0
+        return children
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> OutputDelta:
+        request, params = seq.request, seq.request.params
+        seq.token_ids.append(token)
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if token in request.stop_ids:
+            self._finish(seq, "stop", token if token in params.stop_token_ids else None)
+        elif (stop := seq.text.append(token)) is not None:
+            self._finish(seq, "stop", stop)
+        elif (params.max_tokens is not None and seq.num_tokens - seq.num_prompt_tokens >= params.max_tokens) or (
+            seq.num_tokens >= request.max_len
+        ):
+            self._finish(seq, "length")
+        return self._delta(seq, [token], logprob)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.status is not SequenceStatus.FINISHED:
+            self.scheduler.remove(seq)
+        seq.text.finish()
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        if seq.request.finished:
+            del self.requests[seq.request.request_id]
+
+    def _delta(self, seq: Sequence, token_ids: list[int], logprob: TokenLogprob | None) -> OutputDelta:
+        wants_logprobs = seq.request.params.logprobs is not None
+        return OutputDelta(
+            request_id=seq.request.request_id,
+            index=seq.index,
+            token_ids=token_ids,
+            text=seq.text.delta(seq.finished),
+            logprobs=([logprob] if logprob is not None else []) if wants_logprobs else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+
+    # ---------------------------------------------------------------------------------------------- statistics
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    @property
+    def num_prefix_hit_tokens(self) -> int:
+        return self.blocks.prefix_hits
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_blocks=self.blocks.num_blocks,
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_query_tokens=self.blocks.prefix_queries,
+            prefix_hit_tokens=self.blocks.prefix_hits,
+        )
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int  # sequences
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int  # free or evictable
+    num_preemptions: int  # since start
+    prefix_query_tokens: int  # prompt tokens looked up in the prefix cache, since start
+    prefix_hit_tokens: int  # of which found

@@ -1,0 +1,110 @@
+"""Who computes what in the next step.
+
+Running sequences go first, oldest first: each gets its next token (decode) or its next prompt chunk, within a
+token budget per step. (A sequence is only admitted behind a prompt chunk that completed its prompt, so the
+decoding sequences always come before the prefilling ones and no prompt chunk can starve a decode.) When blocks run out, the newest running sequence is preempted: its blocks are freed and it
+goes back to the head of the queue, to be recomputed later from its tokens (the prefix cache usually keeps most
+of them). Then waiting sequences are admitted first come, first served while budget, blocks and the sequence cap
+allow; a long prompt is split into chunks over several steps. A sequence alone that cannot get a block even
+after every other one was preempted has outgrown the cache: it is reported as infeasible.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from s1serve.engine.block_manager import BlockManager
+from s1serve.engine.config import EngineConfig
+from s1serve.engine.request import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens to compute)
+    preempted: list[Sequence] = field(default_factory=list)
+    infeasible: list[Sequence] = field(default_factory=list)  # out of KV capacity on their own
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A fork: it holds shared blocks already and continues with the others."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drops a finished or aborted sequence and frees its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
+                break
+            out.scheduled.append((seq, num_new))
+            budget -= num_new
+            index += 1
+
+        slots = sum(s.slots for s in self.running)
+        while self.waiting and budget > 0 and not out.preempted:
+            seq = self.waiting[0]
+            if self.blocks.blocks_for(seq.num_tokens) > self.blocks.num_blocks:
+                self.remove(seq)
+                out.infeasible.append(seq)
+                continue
+            if slots + seq.slots > self.config.max_num_seqs:
+                break
+            cached = self.blocks.cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget)
+            if not self.blocks.can_admit(cached, num_new):
+                break
+            self.waiting.popleft()
+            self.blocks.admit(seq, cached)
+            self.blocks.grow(seq, seq.num_computed_tokens + num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            slots += seq.slots
+            out.scheduled.append((seq, num_new))
+            budget -= num_new
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Grows seq to num_tokens, preempting the newest running sequences as needed; False if seq itself went."""
+        while not self.blocks.can_grow(seq, num_tokens):
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:
+                self.remove(seq)
+                out.infeasible.append(seq)
+                return False
+            self.running.pop()
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
