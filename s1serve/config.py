@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +120,6 @@ class TextConfig:
             and (layer + 1) % self.decoder_sparse_step == 0
         )
 
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -164,7 +160,6 @@ class ModelConfig:
     video_token_id: int | None = None
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def weight_prefix(self) -> str:
@@ -370,7 +365,6 @@ def parse_model_config(data: dict[str, Any], where: str = "config.json") -> Mode
         video_token_id=data.get("video_token_id"),
         vision_start_token_id=data.get("vision_start_token_id"),
         vision_end_token_id=data.get("vision_end_token_id"),
-        raw=data,
     )
 
 

@@ -7,7 +7,7 @@ content starts, and text that could still be the start of a stop string is held 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from s1serve.serve.parsers.reasoning import ReasoningParser
 from s1serve.serve.parsers.response import ParsedOutput, ResponseDelta, ResponseParser
@@ -22,7 +22,6 @@ class ChoiceText:
     text: str = ""  # the choice's output text, cut at a matched stop string
     released: int = 0  # text[:released] has been handed to the parser
     stopped: bool = False
-    _pending: str = field(default="", repr=False)
 
     @classmethod
     def create(cls, parser: ResponseParser, stops: list[str] | None, include_stop: bool) -> "ChoiceText":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
-import httpx
 import pytest
 from openai import OpenAI
 
