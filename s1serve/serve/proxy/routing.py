@@ -6,8 +6,9 @@ in the list taking all of it.
 
 from __future__ import annotations
 
+import math
 import random
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:  # only annotations: `s1serve --help` builds the proxy's parser without importing aiohttp
     from s1serve.serve.proxy.nodes import Node
@@ -33,8 +34,10 @@ def expected_latencies(nodes: Sequence[Node]) -> list[float]:
 
 
 def observed_latencies(nodes: Sequence[Node]) -> list[float]:
-    """Mean of the last completed requests' latencies; a node without history scores 0 so it gets tried."""
-    return [n.mean_latency() or 0.0 for n in nodes]
+    """Mean of the last completed requests' latencies. A node without history scores 0 while idle, so it gets
+    tried, and +inf while that first request is in flight: it is tried, not flooded, until it has answered."""
+    return [latency if (latency := n.mean_latency()) is not None else (math.inf if n.unfinished else 0.0)
+            for n in nodes]
 
 
 class Router:
@@ -50,7 +53,7 @@ class Router:
         """One of `nodes` (non-empty, all healthy and serving the request's model)."""
         return self._pick(nodes)
 
-    def _argmin(self, nodes: Sequence[Node], scores: Sequence[float]) -> Node:
+    def _argmin(self, nodes: Sequence[Node], scores: Sequence[Any]) -> Node:
         best = min(scores)
         return self.rng.choice([n for n, s in zip(nodes, scores) if s == best])
 
@@ -69,4 +72,5 @@ class Router:
         return self._argmin(nodes, expected_latencies(nodes))
 
     def _min_observed_latency(self, nodes: Sequence[Node]) -> Node:
-        return self._argmin(nodes, observed_latencies(nodes))
+        # Equal scores (in practice: every node still waiting for its first answer) go to the least loaded.
+        return self._argmin(nodes, [(s, n.unfinished) for s, n in zip(observed_latencies(nodes), nodes)])

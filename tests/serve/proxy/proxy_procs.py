@@ -140,12 +140,14 @@ class Processes:
             argv += ["--proxy-url", proxy_url]
         return self._add(Server(argv, port, name, "/health"))
 
-    def api_server(self, name: str, checkpoint: Path, *, proxy_url: str, port: int | None = None) -> Server:
+    def api_server(self, name: str, checkpoint: Path, *, proxy_url: str, port: int | None = None,
+                   extra: tuple[str, ...] = ()) -> Server:
         """A real `s1serve serve api_server` on a checkpoint, joining the proxy by --proxy-url."""
         port = port or free_port()
         argv = [sys.executable, "-m", "s1serve", "serve", "api_server", str(checkpoint), "--server-name", "127.0.0.1",
                 "--server-port", str(port), "--proxy-url", proxy_url, "--model-name", "tiny", "--dtype", "float32",
-                "--num-kv-blocks", "128", "--block-size", "16", "--max-model-len", "1024", "--log-level", "warning"]
+                "--num-kv-blocks", "128", "--block-size", "16", "--max-model-len", "1024", "--log-level", "warning",
+                *extra]
         return self._add(Server(argv, port, name, "/health"))
 
     def proxy(self, strategy: str = "round_robin", *, health_interval: float = 0.25, seed: int = 0,

@@ -111,6 +111,20 @@ def test_min_observed_latency_tries_new_nodes_then_prefers_the_fastest():
     assert router.pick([fast, slow]) is fast
 
 
+def test_min_observed_latency_tries_a_new_node_once_until_it_answers():
+    fast, new = node("fast"), node("new")
+    serve(fast, [(0, 0.1)])
+    router = Router("min_observed_latency", random.Random(0))
+    assert router.pick([fast, new]) is new
+    new.begin(1.0)
+    assert all(router.pick([fast, new]) is fast for _ in range(20))  # not flooded while its first request runs
+    new.end(3.0, 1.0, completed=True, failed=False)
+    assert router.pick([fast, new]) is fast  # measured: 2 s against 0.1 s
+    a, b, c = node("a"), node("b"), node("c")  # none measured, all busy: spread like least_requests
+    a.begin(0), a.begin(0), b.begin(0), c.begin(0)
+    assert {router.pick([a, b, c]).url for _ in range(50)} == {b.url, c.url}
+
+
 def test_router_refuses_unknown_strategy():
     with pytest.raises(ValueError, match="allowed: random, round_robin"):
         Router("fastest", random.Random(0))
