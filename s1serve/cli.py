@@ -7,8 +7,11 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
+from s1serve.distributed.config import ParallelConfig, add_parallel_args
+from s1serve.engine.config import EngineConfig, add_engine_args
 from s1serve.errors import S1ServeError
 from s1serve.serve.openai.arguments import add_api_server_arguments
 from s1serve.serve.proxy.config import add_proxy_parser
@@ -49,10 +52,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from s1serve import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    for out in llm.generate(args.prompt, params):
-        print(out.text)
+    parallel = ParallelConfig.from_namespace(args)
+    engine = EngineConfig.from_namespace(args, exclude=("seed",))
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, **asdict(parallel), **asdict(engine))
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        for out in llm.generate(args.prompt, params):
+            print(out.text)
+    finally:
+        llm.shutdown()
     return 0
 
 
@@ -65,10 +73,11 @@ def cmd_serve_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_api_server(args: argparse.Namespace) -> int:
+    ParallelConfig.from_namespace(args)  # a bad shape fails here, before torch is imported
+
     from s1serve.serve.openai.api_server import run_api_server
 
-    run_api_server(args)
-    return 0
+    return run_api_server(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     gen.add_argument("--device", default="cpu")
+    add_engine_args(gen, exclude=("seed",))
+    add_parallel_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="serve api_server | proxy").add_subparsers(dest="server", required=True)

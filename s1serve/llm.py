@@ -1,8 +1,14 @@
-"""The offline API: `LLM(model=PATH).generate(prompts, SamplingParams(...))`, batched through the engine."""
+"""The offline API: `LLM(model=PATH).generate(prompts, SamplingParams(...))`, batched through the engine.
+
+`LLM(PATH, tp=2)` (or ep=, and the other ParallelConfig fields) runs the engine here as rank 0 of a TP/EP group
+whose other ranks it starts itself (or, with nnodes > 1, that `s1serve serve api_server --headless` starts on
+the other nodes); `shutdown()` stops them. Data parallelism is for the server (`s1serve serve api_server --dp N`).
+"""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,9 +16,9 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from s1serve.distributed.config import ParallelConfig
 from s1serve.engine.config import EngineConfig
 from s1serve.engine.engine import Engine
-from s1serve.engine.model_runner import ModelRunner, StepSequence
 from s1serve.engine.outputs import CompletionOutput, RequestOutput
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
@@ -22,7 +28,8 @@ Message = dict[str, Any]
 class LLM:
     """Loads a checkpoint and runs batches of prompts through one engine.
 
-    Engine arguments (`block_size`, `num_kv_blocks`, `max_num_batched_tokens`, ...) are the fields of EngineConfig.
+    Engine arguments (`block_size`, `num_kv_blocks`, `max_num_batched_tokens`, ...) are the fields of EngineConfig,
+    parallel ones (`tp`, `ep`, `distributed_executor_backend`, `nnodes`, ...) those of ParallelConfig.
     The tokenizer loads on first use; with skip_tokenizer_init=True there is none (outputs carry ids, no text).
     """
 
@@ -34,9 +41,19 @@ class LLM:
         skip_tokenizer_init: bool = False,
         **engine_args: Any,
     ):
+        names = [f.name for f in fields(ParallelConfig) if f.name in engine_args]
+        parallel = ParallelConfig(**{name: engine_args.pop(name) for name in names})
+        if parallel.dp > 1:
+            raise ValueError(
+                f"LLM runs one engine, so dp must be 1 (got {parallel.dp}); serve data parallelism with "
+                f"`s1serve serve api_server MODEL --dp {parallel.dp}`"
+            )
+        if parallel.headless:
+            raise ValueError("LLM hosts rank 0; run the other nodes with `s1serve serve api_server MODEL --headless`")
         self.model_dir = Path(model)
         self.skip_tokenizer_init = skip_tokenizer_init
-        self.engine = Engine.from_checkpoint(self.model_dir, dtype, device, EngineConfig(**engine_args))
+        config = EngineConfig(**engine_args)
+        self.engine = Engine.from_checkpoint(self.model_dir, dtype, device, config, parallel=parallel)
         self.config = self.engine.runner.model.config
         self.defaults = self.engine.defaults
         self._ids = itertools.count()
@@ -122,9 +139,8 @@ class LLM:
         """Float32 logits [len(token_ids), vocab] at every position of one full prefill (outside the engine)."""
         ids = list(map(int, token_ids))
         self.engine.check_request(ids, SamplingParams())
-        block_size = self.engine.config.block_size
-        num_blocks = -(-len(ids) // block_size)
-        runner = ModelRunner(self.engine.runner.model, num_blocks, block_size)
-        hidden = runner.hidden_states([StepSequence(ids, 0, list(range(num_blocks)))])
-        with torch.inference_mode():
-            return runner.model.compute_logits(hidden)
+        return self.engine.runner.prompt_logits(ids)
+
+    def shutdown(self) -> None:
+        """Stops the engine's other ranks (if it has any); the LLM cannot generate afterwards."""
+        self.engine.shutdown()

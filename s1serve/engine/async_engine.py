@@ -3,8 +3,16 @@
 The engine core runs in its own thread, so the event loop never waits on a forward pass. Requests and aborts
 travel to it through a queue, in order; deltas come back to each request's asyncio queue on the loop that asked.
 A request whose consumer goes away (the async generator is closed or cancelled) is aborted and its blocks freed.
-If a step raises, the engine is dead: every open request gets the error, and so does every later call. After
+
+If a step raises, or the runner reports a failure from outside a step (a worker process of a TP/EP engine died),
+the engine is dead: every open request and every waiting call gets EngineDeadError at once, even while the engine
+thread is still blocked in a collective, and so does every later call; `on_death` callbacks run. After
 `shutdown()` open requests end with finish_reason "abort" and later calls get EngineDeadError.
+
+A runner that needs a heartbeat (a DP rank whose MoE layers exchange tokens with the other DP ranks) is ticked
+without pause: each tick asks all ranks whether any has work, steps if one has (an idle rank runs the model's
+empty step), and sleeps a few milliseconds if none has (1 ms, doubling to 10 ms while all stay idle), so that
+every rank enters the same forwards.
 """
 
 from __future__ import annotations
@@ -12,15 +20,20 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from s1serve.distributed.config import ParallelConfig
 from s1serve.engine.config import EngineConfig
 from s1serve.engine.engine import Engine, EngineStats
 from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import SamplingParams
+
+IDLE_TICK_S = (0.001, 0.01)  # pause between heartbeat ticks when no rank has work: doubling up to the maximum
+DEAD_JOIN_S = 2.0  # how long shutdown waits for the thread of a dead engine (it may be stuck in a collective)
 
 
 class EngineDeadError(RuntimeError):
@@ -34,11 +47,17 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._commands: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self._streams: dict[str, asyncio.Queue] = {}  # touched on the event loop only
+        # Touched on their event loop only: request id -> (stream, loop); futures of pending calls.
+        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._calls: set[asyncio.Future] = set()
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}  # touched in the engine thread only
+        self._lock = threading.Lock()  # guards _error, _client_loops and _death_callbacks
+        self._client_loops: set[asyncio.AbstractEventLoop] = set()
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="s1serve-engine", daemon=True)
         self._thread.start()
+        engine.runner.on_failure(self.fail)
 
     @classmethod
     def from_checkpoint(
@@ -48,12 +67,27 @@ class AsyncEngine:
         device: str = "cpu",
         config: EngineConfig | None = None,
         tokenizer: Any | None = None,
+        parallel: ParallelConfig = ParallelConfig(),
+        rank: int = 0,
     ) -> "AsyncEngine":
-        return cls(Engine.from_checkpoint(model, dtype, device, config, tokenizer))
+        return cls(Engine.from_checkpoint(model, dtype, device, config, tokenizer, parallel, rank))
 
     @property
     def errored(self) -> bool:
         return self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine is dead (None while it lives)."""
+        return self._error
+
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        """Calls `callback(error)` once when the engine dies (from whichever thread notices; at once if dead)."""
+        with self._lock:
+            if self._error is None:
+                self._death_callbacks.append(callback)
+                return
+        callback(self._error)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
@@ -67,12 +101,13 @@ class AsyncEngine:
         self.engine.check_request(prompt_ids, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        loop = self._join_loop()
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt_ids, params, asyncio.get_running_loop()))
+        self._streams[request_id] = (stream, loop)
+        self._commands.put(("add", request_id, prompt_ids, params, loop))
         finished = False
         try:
-            self._check_alive()  # after queuing: a loop that dies from now on sees this request when it drains
+            self._check_alive()  # after registering: a death from now on reaches this stream
             while True:
                 item = await stream.get()
                 if item is _DONE:
@@ -94,48 +129,85 @@ class AsyncEngine:
     async def stats(self) -> EngineStats:
         """Engine statistics, taken after every command sent before this call has been handled."""
         self._check_alive()
+        self._join_loop()
         future = asyncio.get_running_loop().create_future()
-        self._commands.put(("call", self.engine.stats, future))
-        return await future
+        self._calls.add(future)
+        try:
+            self._commands.put(("call", self.engine.stats, future))
+            self._check_alive()
+            return await future
+        finally:
+            self._calls.discard(future)
 
     def shutdown(self) -> None:
-        """Stops the engine thread: open requests end with finish_reason "abort", later calls fail."""
+        """Stops the engine thread: open requests end with finish_reason "abort", later calls fail.
+
+        The Engine (and its runner's other ranks) stays up: stop it with engine.shutdown()."""
         self._commands.put(("stop",))
-        self._thread.join()
+        self._thread.join(DEAD_JOIN_S if self.errored else None)
+
+    def fail(self, error: BaseException) -> None:
+        """Marks the engine dead (from any thread): open requests and pending calls get EngineDeadError now."""
+        with self._lock:
+            if self._error is not None:
+                return
+            self._error = error
+            loops = list(self._client_loops)
+            callbacks, self._death_callbacks = self._death_callbacks, []
+        dead = EngineDeadError(f"the engine has stopped: {error}")
+        for loop in loops:
+            try:
+                loop.call_soon_threadsafe(self._fail_waiters, loop, dead)
+            except RuntimeError:  # that loop has closed: nothing of it waits
+                pass
+        self._commands.put(("stop",))  # wakes an idle engine thread, which then ends
+        for callback in callbacks:
+            callback(error)
 
     def _check_alive(self) -> None:
         if self._error is not None:
-            raise EngineDeadError(f"the engine has stopped: {self._error!r}") from self._error
+            raise EngineDeadError(f"the engine has stopped: {self._error}") from self._error
+
+    def _join_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._client_loops.add(loop)
+        return loop
+
+    def _fail_waiters(self, loop: asyncio.AbstractEventLoop, dead: EngineDeadError) -> None:
+        for stream, stream_loop in self._streams.values():
+            if stream_loop is loop:
+                stream.put_nowait(dead)
+        for future in self._calls:
+            if future.get_loop() is loop and not future.done():
+                future.set_exception(dead)
 
     # ------------------------------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
+        engine, runner = self.engine, self.engine.runner
+        pause = IDLE_TICK_S[0]
         try:
-            while True:
-                busy = self.engine.has_unfinished_requests()
-                commands = [] if busy else [self._commands.get()]
+            while self._error is None:
+                wait = not runner.needs_heartbeat and not engine.has_unfinished_requests()
+                commands = [self._commands.get()] if wait else []
                 while not self._commands.empty():
                     commands.append(self._commands.get_nowait())
                 for command in commands:
                     if command[0] == "stop":
-                        for request_id in list(self.engine.requests):
-                            self._publish(self.engine.abort(request_id))
+                        for request_id in list(engine.requests):
+                            self._publish(engine.abort(request_id))
                         raise EngineDeadError("the engine was shut down")
                     self._handle(command)
-                if self.engine.has_unfinished_requests():
-                    self._publish(self.engine.step())
+                if runner.any_work(engine.has_unfinished_requests()):
+                    self._publish(engine.step())
+                    pause = IDLE_TICK_S[0]
+                elif runner.needs_heartbeat:
+                    time.sleep(pause)
+                    pause = min(2 * pause, IDLE_TICK_S[1])
         except BaseException as exc:  # noqa: BLE001 - every open request must learn that the engine is gone
-            self._error = exc
-            dead = EngineDeadError(f"the engine has stopped: {exc!r}")
-            for request_id, loop in self._loops.items():
-                loop.call_soon_threadsafe(self._deliver, request_id, [dead])
+            self.fail(exc)
             self._loops.clear()
-            while not self._commands.empty():
-                command = self._commands.get_nowait()
-                if command[0] == "add":
-                    command[4].call_soon_threadsafe(self._deliver, command[1], [dead])
-                elif command[0] == "call":
-                    command[2].get_loop().call_soon_threadsafe(_fail, command[2], dead)
 
     def _handle(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
@@ -171,18 +243,13 @@ class AsyncEngine:
         loop.call_soon_threadsafe(self._deliver, request_id, items)
 
     def _deliver(self, request_id: str, items: list[Any]) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
+        entry = self._streams.get(request_id)
+        if entry is not None:
             for item in items:
-                stream.put_nowait(item)
+                entry[0].put_nowait(item)
 
 
 def _resolve(future: asyncio.Future, result: Any) -> None:
     if not future.done():
         future.set_result(result)
-
-
-def _fail(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
 

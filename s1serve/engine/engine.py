@@ -4,6 +4,10 @@ One step = schedule -> one forward over the flat batch -> sample the sequences w
 computed -> append, check stops, fork n > 1 requests -> deltas. Nothing here depends on time or threads: the same
 requests added in the same order give the same ids, and a request's ids do not depend on what else is running
 (bf16 kernels on CPU are row-invariant; each request samples from its own generator).
+
+The forward runs in a Runner: the model in this process, or (s1serve.distributed) a TP/EP group of ranks driven
+from here, or one DP rank stepping in lock-step with the others. A step with nothing to run calls runner.idle(),
+so that a DP rank whose MoE layers exchange tokens still joins the others' forward.
 """
 
 from __future__ import annotations
@@ -18,35 +22,33 @@ import torch
 from torch import nn
 
 from s1serve.config import GenerationDefaults, load_generation_defaults
+from s1serve.distributed.config import ParallelConfig
 from s1serve.engine.block_manager import BlockManager
 from s1serve.engine.config import EngineConfig, flag
-from s1serve.engine.kv_cache import num_blocks_for_memory
-from s1serve.engine.model_runner import ModelRunner, StepSequence
+from s1serve.engine.model_runner import ModelRunner, Runner, StepSequence, kv_blocks_for
 from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.request import Request, Sequence, SequenceStatus
 from s1serve.engine.scheduler import Scheduler
 from s1serve.engine.structured_output import GrammarCompiler, apply_mask
 from s1serve.engine.text_output import TextOutput, TokenizerDetokenizer
 from s1serve.layers.sampler import Sampler, TokenLogprob
-from s1serve.models.registry import load_model, resolve_dtype
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
 
 class Engine:
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Runner,
         config: EngineConfig,
         defaults: GenerationDefaults,
         tokenizer: Any | None = None,
     ):
-        text = model.config.text
-        param = next(model.parameters())
-        num_blocks = config.num_kv_blocks or num_blocks_for_memory(
-            text, config.block_size, param.dtype, param.device, config.cache_max_entry_count
-        )
-        if num_blocks < 1:
-            raise ValueError(f"no memory left for the KV cache: lower the model size or set {flag('num_kv_blocks')}")
+        """`model`: a model in this process (a ModelRunner is built for it) or a ready runner."""
+        if isinstance(model, nn.Module):
+            model = ModelRunner(model, kv_blocks_for(model, config), config.block_size)
+        runner: Runner = model
+        text = runner.model.config.text
+        num_blocks = runner.num_blocks
         if config.max_model_len is not None and config.max_model_len > text.max_position_embeddings:
             raise ValueError(
                 f"{flag('max_model_len')} ({config.max_model_len}) exceeds the model's max positions "
@@ -59,7 +61,7 @@ class Engine:
         self.max_model_len = min(config.max_model_len or text.max_position_embeddings, num_blocks * config.block_size)
         fallback_eos = [] if text.eos_token_id is None else [text.eos_token_id]
         self.eos_ids = frozenset(defaults.eos_token_ids or fallback_eos)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = runner
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.sampler = Sampler()
@@ -74,14 +76,25 @@ class Engine:
         device: str = "cpu",
         config: EngineConfig | None = None,
         tokenizer: Any | None = None,
+        parallel: ParallelConfig = ParallelConfig(),
+        rank: int = 0,
     ) -> "Engine":
-        from s1serve.config import load_model_config
+        """Loads the checkpoint; under `parallel` this is global rank `rank` (0, or a DP rank) and starts or joins
+        the other ranks (see s1serve.distributed.executor)."""
+        from s1serve.distributed.executor import create_runner
 
+        config = config or EngineConfig()
         model_dir = Path(model)
-        text = load_model_config(model_dir).text
-        torch_dtype = resolve_dtype(text.dtype if dtype == "auto" else dtype)
-        network = load_model(model_dir, torch_dtype, torch.device(device))
-        return cls(network, config or EngineConfig(), load_generation_defaults(model_dir), tokenizer)
+        runner = create_runner(model_dir, dtype, device, config, parallel, rank)
+        try:
+            return cls(runner, config, load_generation_defaults(model_dir), tokenizer)
+        except BaseException:
+            runner.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stops the runner's other ranks, if it has any (the engine cannot step afterwards)."""
+        self.runner.shutdown()
 
     # ------------------------------------------------------------------------------------------------ requests
 
@@ -181,6 +194,7 @@ class Engine:
             self._finish(seq, "length")
             deltas.append(self._delta(seq, [], None))
         if not out.scheduled:
+            self.runner.idle()
             return deltas
 
         step = [StepSequence(seq.next_tokens(n), seq.num_computed_tokens, seq.block_table) for seq, n in out.scheduled]

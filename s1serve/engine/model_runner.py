@@ -2,16 +2,24 @@
 
 Each sequence in a step brings its new token ids, the number of its tokens already cached, and its block table;
 the runner returns the logits of the last new token of the sequences that asked for them.
+
+`Runner` is what the engine needs of a runner. `ModelRunner` runs the model in this process; the runners of
+s1serve.distributed implement the same interface over many ranks: one that broadcasts each step to the other
+ranks of a TP/EP engine, and one that keeps DP ranks whose MoE layers exchange tokens in lock-step (it "needs a
+heartbeat": the engine loop ticks it even without work, and a step without forward runs the model's idle step).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from s1serve.engine.kv_cache import allocate_kv_cache
+from s1serve.engine.config import EngineConfig, flag
+from s1serve.engine.kv_cache import allocate_kv_cache, num_blocks_for_memory
 from s1serve.layers.attention import AttentionBatch
 
 
@@ -22,7 +30,47 @@ class StepSequence:
     block_table: list[int]  # cache blocks holding (and to hold) this sequence, in order
 
 
+class Runner(Protocol):
+    model: nn.Module  # this rank's model (shard)
+    num_blocks: int  # KV-cache blocks (the same on every rank)
+    block_size: int
+    needs_heartbeat: bool  # the engine loop must tick (any_work, step) even when it has no requests
+
+    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor: ...
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor: ...
+
+    def idle(self) -> None:
+        """Called on a step that runs no forward."""
+
+    def any_work(self, local: bool) -> bool:
+        """Whether this rank or any rank it steps with has work (`local`: whether this rank has)."""
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """Calls `callback` (from any thread) if the runner fails outside a step, e.g. a worker process dies."""
+
+    def shutdown(self) -> None: ...
+
+
+def kv_blocks_for(model: nn.Module, config: EngineConfig) -> int:
+    """This rank's KV-cache blocks: --num-kv-blocks, else what --cache-max-entry-count leaves after the weights."""
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    param = next(model.parameters())
+    num_blocks = num_blocks_for_memory(
+        model.config.text, config.block_size, param.dtype, param.device, config.cache_max_entry_count,
+        kv_heads=model.num_local_kv_heads,
+    )
+    if num_blocks < 1:
+        raise ValueError(f"no memory left for the KV cache: lower the model size or set {flag('num_kv_blocks')}")
+    return num_blocks
+
+
 class ModelRunner:
+    """Runs steps on the model of this process (the whole model, or a rank's shard driven from elsewhere)."""
+
+    needs_heartbeat = False
+
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int):
         param = next(model.parameters())
         self.model = model
@@ -30,7 +78,9 @@ class ModelRunner:
         self.dtype = param.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.caches = allocate_kv_cache(model.config.text, num_blocks, block_size, self.dtype, self.device)
+        self.caches = allocate_kv_cache(
+            model.config.text, num_blocks, block_size, self.dtype, self.device, kv_heads=model.num_local_kv_heads
+        )
 
     @torch.inference_mode()
     def hidden_states(self, seqs: list[StepSequence]) -> torch.Tensor:
@@ -59,3 +109,23 @@ class ModelRunner:
     def last_logits(self, seqs: list[StepSequence]) -> torch.Tensor:
         """Float32 logits [num sequences, vocab] at each sequence's last new token."""
         return self.execute(seqs, list(range(len(seqs))))
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [len(token_ids), vocab] at every position of one prefill, in a cache of its own."""
+        num_blocks = -(-len(token_ids) // self.block_size)
+        scratch = ModelRunner(self.model, num_blocks, self.block_size)
+        hidden = scratch.hidden_states([StepSequence(list(token_ids), 0, list(range(num_blocks)))])
+        return self.model.compute_logits(hidden)
+
+    def idle(self) -> None:
+        pass
+
+    def any_work(self, local: bool) -> bool:
+        return local
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        pass  # a runner in this process fails inside its calls only
+
+    def shutdown(self) -> None:
+        pass

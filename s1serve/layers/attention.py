@@ -1,9 +1,10 @@
 """Attention over a paged KV cache for a flat batch of tokens from many sequences.
 
 The cache of one layer is a pair of tensors [kv_heads, num_blocks, block_size, head_dim] (heads outermost, so
-that a gather by block table yields contiguous per-head key matrices); a sequence owns the blocks listed in its
-row of the block table. One step may mix prefill chunks and decode tokens: every sequence
-contributes `query_len` new tokens that sit after `context_len` cached ones.
+that a gather by block table yields contiguous per-head key matrices; under tensor parallelism only the KV heads
+this rank attends with); a sequence owns the blocks listed in its row of the block table. One step may mix
+prefill chunks and decode tokens: every sequence contributes `query_len` new tokens that sit after `context_len`
+cached ones.
 
 The CPU path gathers each sequence's keys by block table and runs a grouped matmul -> float32 softmax -> matmul
 (query heads grouped under their KV head), which measured far faster than SDPA for one-token queries in bf16.
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from s1serve.config import TextConfig
+from s1serve.distributed.context import ParallelContext
+from s1serve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from s1serve.layers.norm import RMSNorm
 from s1serve.layers.rotary import apply_rotary
 
@@ -173,25 +176,47 @@ def _attend_group(q: torch.Tensor, cache: KVCache, group: AttentionGroup, scale:
     return out.view(num_seqs, heads, head_dim) if q_len == 1 else out[group.token_seq, group.token_row]
 
 
-class Attention(nn.Module):
-    """GQA self-attention with per-head q/k RMSNorm before the position encoding (no biases)."""
+def kv_head_range(cfg: TextConfig, ctx: ParallelContext) -> range:
+    """The KV heads this rank keeps: its share when tp <= num_kv_heads, else the one its query heads use."""
+    kv_heads, size = cfg.num_key_value_heads, ctx.tp_size
+    if kv_heads % size and size % kv_heads:
+        raise ValueError(f"tp={size} must divide num_key_value_heads ({kv_heads}) or be a multiple of it")
+    if size <= kv_heads:
+        per_rank = kv_heads // size
+        return range(ctx.tp_rank * per_rank, (ctx.tp_rank + 1) * per_rank)
+    head = ctx.tp_rank // (size // kv_heads)
+    return range(head, head + 1)
 
-    def __init__(self, cfg: TextConfig):
+
+class Attention(nn.Module):
+    """GQA self-attention with per-head q/k RMSNorm before the position encoding (no biases).
+
+    Under tp, rank r computes query heads [r*H/tp, (r+1)*H/tp) and the KV heads they read (kv_head_range), and
+    o_proj sums the ranks' partial outputs. q_norm/k_norm act per head_dim and are replicated.
+    """
+
+    def __init__(self, cfg: TextConfig, ctx: ParallelContext):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        q_heads = ctx.tp_slice(cfg.num_attention_heads, "num_attention_heads")
+        kv_heads = kv_head_range(cfg, ctx)
+        self.num_heads = q_heads.stop - q_heads.start
+        self.num_kv_heads = len(kv_heads)
+        d, hidden = self.head_dim, cfg.hidden_size
+        q_rows = range(q_heads.start * d, q_heads.stop * d)
+        kv_rows = range(kv_heads.start * d, kv_heads.stop * d)
+        self.q_proj = ColumnParallelLinear(hidden, cfg.num_attention_heads * d, ctx, rows=q_rows)
+        self.k_proj = ColumnParallelLinear(hidden, cfg.num_key_value_heads * d, ctx, rows=kv_rows)
+        self.v_proj = ColumnParallelLinear(hidden, cfg.num_key_value_heads * d, ctx, rows=kv_rows)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, hidden, ctx, cols=q_rows)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, batch: AttentionBatch
     ) -> torch.Tensor:
+        """x: [T, hidden]; cos/sin: [T, 1 or local KV heads, head_dim]; the cache holds the local KV heads."""
         tokens = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(tokens, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim))

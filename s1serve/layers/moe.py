@@ -2,6 +2,20 @@
 
 Tokens are sorted by the expert they were routed to; each expert's rows then form one contiguous segment, and
 the whole layer is two grouped matmuls (gate+up fused, then down) over those segments.
+
+Parallel shapes (the router is replicated everywhere; every rank routes its own tokens):
+- tp > 1, ep == 1: every expert's intermediate dimension is split over tp (w13's gate rows and up rows each
+  sliced, w2's columns sliced); the partial sums meet in one all-reduce over tp.
+- ep > 1, tokens replicated (dp == 1): rank r holds experts ctx.experts_of_rank(E) whole, computes only the
+  (token, expert) rows routed to them, and the partial sums meet in one all-reduce over ep (with tp > 1 as well
+  the tp and ep groups are the same ranks, and attention alone is split over tp).
+- ep > 1, DP attention (dp == ep): each rank brings its own tokens, maybe none. The ranks exchange their token
+  counts once per forward (exchange_token_counts); in every MoE layer each rank pads its tokens to the largest
+  count and all-gathers them with their routing (ids and weights packed into the same byte rows: one
+  collective), computes its experts' weighted part for every gathered row, and a reduce-scatter hands each rank
+  the sums for its own rows. A rank without tokens still joins (InternS1ProForCausalLM.idle_step).
+  benchmarks/ep_dispatch.py compares this with an all_to_all dispatch that sends each (token, expert) pair only
+  to the expert's rank; results are in its docstring.
 """
 
 from __future__ import annotations
@@ -11,6 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from s1serve.config import TextConfig
+from s1serve.distributed.context import ParallelContext, all_gather, all_reduce, reduce_scatter
+from s1serve.layers.linear import ColumnParallelLinear, RowParallelLinear
 
 
 def select_experts(
@@ -56,40 +72,112 @@ def grouped_matmul(x: torch.Tensor, weight_t: torch.Tensor, ends: torch.Tensor) 
 
 
 class SparseMoE(nn.Module):
-    """Router `gate` plus experts stacked as w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I]."""
+    """Router `gate` (replicated) plus this rank's experts stacked as w13 [E_local, 2I, H] (gate rows then up rows)
+    and w2 [E_local, H, I]; `experts` are their global ids and `intermediate_part` the slice of each expert's
+    intermediate dimension held here (all of it under EP)."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, ctx: ParallelContext):
         super().__init__()
+        if ctx.tp_size > 1 and not ctx.tokens_replicated:
+            raise ValueError("DP attention (tokens not replicated) does not combine with tp > 1")
+        self.ctx = ctx
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.num_groups = cfg.router_n_groups
         self.renormalize = cfg.norm_topk_prob
-        self.intermediate = cfg.moe_intermediate_size
+        self.experts = ctx.experts_of_rank(cfg.num_experts)
+        if ctx.ep_size == 1:
+            part = ctx.tp_slice(cfg.moe_intermediate_size, "moe_intermediate_size")
+            self.intermediate_part = range(part.start, part.stop)
+        else:
+            self.intermediate_part = range(cfg.moe_intermediate_size)
+        self.intermediate = len(self.intermediate_part)
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.w13 = nn.Parameter(torch.empty(cfg.num_experts, 2 * self.intermediate, cfg.hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, self.intermediate), requires_grad=False)
+        local = len(self.experts)
+        self.w13 = nn.Parameter(torch.empty(local, 2 * self.intermediate, cfg.hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local, cfg.hidden_size, self.intermediate), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]. `token_counts`: every ep rank's T this step under DP attention (as
+        exchange_token_counts returns it; exchanged here when not given)."""
         ids, weights = select_experts(self.gate(x), self.top_k, self.num_groups, self.renormalize)
+        ctx = self.ctx
+        if ctx.ep_size > 1 and not ctx.tokens_replicated:
+            counts = token_counts or exchange_token_counts(x.shape[0], ctx, x.device)
+            return self._exchange(x, ids, weights, counts)
+        out = self._local_experts(x, ids, weights)
+        if ctx.ep_size > 1:  # with tp > 1 too, the ep group is the tp group: one all-reduce
+            return all_reduce(out, ctx.ep_size, ctx.ep_group)
+        return all_reduce(out, ctx.tp_size, ctx.tp_group)
+
+    def _local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum over the routed experts held here of weight * expert(x), per row of x; ids [T, k] are global
+        (ids owned elsewhere, or out of range as padding rows carry, contribute nothing)."""
         flat_ids = ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)
+        local = len(self.experts)
+        if local == self.num_experts:
+            key = flat_ids
+        else:  # local experts first (as 0..local-1), everything else in one trailing bin that is never computed
+            key = flat_ids - self.experts.start
+            key = key.masked_fill((key < 0) | (key >= local), local)
+        order = torch.argsort(key, stable=True)
+        ends = torch.cumsum(torch.bincount(key, minlength=self.num_experts)[:local], 0)
+        if local < self.num_experts:
+            order = order[: int(ends[-1])]
         token_of_row = order // self.top_k
-        ends = torch.cumsum(torch.bincount(flat_ids, minlength=self.num_experts), 0)
         hidden = grouped_matmul(x[token_of_row], self.w13.transpose(1, 2), ends)
         hidden = F.silu(hidden[:, : self.intermediate]) * hidden[:, self.intermediate :]
         out_rows = grouped_matmul(hidden, self.w2.transpose(1, 2), ends)
         out_rows = out_rows * weights.flatten()[order].to(x.dtype)[:, None]
         return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)
 
+    def _exchange(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """DP attention: every rank's tokens (padded to the largest count, with their routing) are gathered, each
+        rank computes its experts' part for all of them, and a reduce-scatter returns each rank its rows' sums."""
+        size, group = self.ctx.ep_size, self.ctx.ep_group
+        padded = max(counts)
+        if padded == 0:
+            return x
+        pad = (0, 0, 0, padded - x.shape[0])
+        rows = _pack_rows(F.pad(x, pad), F.pad(ids.int(), pad, value=self.num_experts), F.pad(weights, pad))
+        layout = [(x.dtype, x.shape[1]), (torch.int32, self.top_k), (weights.dtype, self.top_k)]
+        x_all, ids_all, weights_all = _unpack_rows(all_gather(rows, size, group), layout)
+        partial = self._local_experts(x_all, ids_all, weights_all)
+        return reduce_scatter(partial, size, group)[: x.shape[0]]
+
+
+def exchange_token_counts(num_tokens: int, ctx: ParallelContext, device: torch.device) -> list[int] | None:
+    """Every ep rank's token count this step under DP attention with EP (one small all-gather, done once per
+    forward and shared by all MoE layers); None when the ranks' tokens are replicated or experts not split."""
+    if ctx.tokens_replicated or ctx.ep_size == 1:
+        return None
+    counts = all_gather(torch.tensor([num_tokens], device=device), ctx.ep_size, ctx.ep_group)
+    return counts.tolist()
+
+
+def _pack_rows(*parts: torch.Tensor) -> torch.Tensor:
+    """Row-wise byte concatenation of 2-D tensors of any dtypes (so one collective moves them all)."""
+    return torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=1)
+
+
+def _unpack_rows(rows: torch.Tensor, layout: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    """Inverse of _pack_rows: `layout` lists each part's (dtype, columns)."""
+    parts, start = [], 0
+    for dtype, columns in layout:
+        width = columns * dtype.itemsize
+        parts.append(rows[:, start : start + width].contiguous().view(dtype))
+        start += width
+    return parts
+
 
 class DenseMLP(nn.Module):
-    """SwiGLU MLP for layers listed in mlp_only_layers."""
+    """SwiGLU MLP for layers listed in mlp_only_layers; the intermediate dimension is split over tp."""
 
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, ctx: ParallelContext):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate, ctx)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate, ctx)
+        self.down_proj = RowParallelLinear(intermediate, hidden, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -69,13 +69,20 @@ class RotaryEmbedding(_Frequencies):
 
 
 class FourierEmbedding(_Frequencies):
-    """FoPE: cos/sin of shape [T, num_kv_heads or 1, head_dim] in float32."""
+    """FoPE: cos/sin of shape [T, len(kv_heads) or 1, head_dim] in float32.
 
-    def __init__(self, cfg: TextConfig):
+    With sep_head the coefficients follow their KV head: a rank keeps the rows of the KV heads it attends with
+    (`kv_heads`, a range of the checkpoint's heads); without it the one [F, F] pair is replicated.
+    """
+
+    def __init__(self, cfg: TextConfig, kv_heads: range):
         super().__init__(fope_frequencies(cfg))
         self.head_dim = cfg.head_dim
         self.sep_head = cfg.fope.sep_head
+        self.kv_heads = kv_heads
         shape = fope_coef_shape(cfg)
+        if self.sep_head:
+            shape = (len(kv_heads), *shape[1:])
         self.sin_coef = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
         self.cos_coef = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
 
@@ -93,8 +100,9 @@ class FourierEmbedding(_Frequencies):
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
 
-def build_position_encoding(cfg: TextConfig) -> nn.Module:
-    return RotaryEmbedding(cfg) if cfg.fope is None else FourierEmbedding(cfg)
+def build_position_encoding(cfg: TextConfig, kv_heads: range) -> nn.Module:
+    """RoPE, or FoPE keeping the coefficients of `kv_heads` (the KV heads this rank attends with)."""
+    return RotaryEmbedding(cfg) if cfg.fope is None else FourierEmbedding(cfg, kv_heads)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""model_type -> model class, and building a model with its weights from a checkpoint folder."""
+"""model_type -> model class, and building a model with its weights from a checkpoint folder.
+
+With a ParallelContext, a rank builds only its shard (on the meta device first, so nothing larger is ever
+allocated) and reads only its slices of the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch import nn
 
 from s1serve.checkpoint.loader import CheckpointReader, load_into
 from s1serve.config import ModelConfig, load_model_config
+from s1serve.distributed.context import ParallelContext
 from s1serve.errors import CheckpointError, ConfigError
 from s1serve.models.interns1_pro import InternS1ProForCausalLM
 
@@ -40,21 +45,32 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_model(config: ModelConfig, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> nn.Module:
-    """An uninitialised model: built on the meta device, then given (empty) storage on `device` unless that is meta."""
+def build_model(
+    config: ModelConfig,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    parallel: ParallelContext = ParallelContext.single(),
+) -> nn.Module:
+    """An uninitialised model (this rank's shard): built on the meta device, then given (empty) storage on
+    `device` unless that is meta."""
     with _default_dtype(resolve_dtype(dtype)), torch.device("meta"):
-        model = MODEL_CLASSES[config.model_type](config)
+        model = MODEL_CLASSES[config.model_type](config, parallel)
     if torch.device(device).type != "meta":
         model = model.to_empty(device=device)
     return model.eval()
 
 
-def load_model(model_dir: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> nn.Module:
+def load_model(
+    model_dir: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    parallel: ParallelContext = ParallelContext.single(),
+) -> nn.Module:
     config = load_model_config(model_dir)
     if config.quantization is not None:
         raise CheckpointError(
             f"{model_dir}: {config.quantization.quant_method} checkpoints are not supported yet; use the BF16 checkpoint"
         )
-    model = build_model(config, dtype, device)
-    load_into(model.checkpoint_targets(), CheckpointReader(model_dir))
+    model = build_model(config, dtype, device, parallel)
+    load_into(model.checkpoint_targets(), CheckpointReader(model_dir), model.checkpoint_names_elsewhere())
     return model

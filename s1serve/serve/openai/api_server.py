@@ -1,9 +1,16 @@
-"""`s1serve serve api_server MODEL`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the AsyncEngine."""
+"""`s1serve serve api_server MODEL`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the AsyncEngine.
+
+With parallel flags (s1serve.distributed): under --tp/--ep this process is rank 0 and hosts the engine (a
+`--headless` node runs only its workers); under --dp it is a launcher whose processes are one api_server per DP
+rank, on --server-port + DP rank. A distributed engine that dies (a worker process died, a collective failed)
+answers 503 at once, and the server exits with status 1 a few seconds later, so that a supervisor restarts it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -11,6 +18,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from s1serve.distributed.config import ParallelConfig
+from s1serve.distributed.launcher import FAILURE_GRACE_S, run_dp_servers, run_headless
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
 from s1serve.engine.config import EngineConfig
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
@@ -137,14 +146,29 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     return app
 
 
-def run_api_server(args: argparse.Namespace) -> None:
-    """Loads the model, starts the engine thread, serves until interrupted, then stops the engine."""
+def run_api_server(args: argparse.Namespace) -> int:
+    """Serves until interrupted (see the module's docstring for the parallel shapes); the exit status."""
+    parallel = ParallelConfig.from_namespace(args)
+    if parallel.headless:
+        return run_headless(args, parallel)
+    if parallel.dp > 1:
+        return run_dp_servers(args, parallel)
+    return serve(args, parallel)
+
+
+def serve(args: argparse.Namespace, parallel: ParallelConfig, rank: int = 0) -> int:
+    """One api_server: the engine's rank 0, or DP rank `rank` on --server-port + rank. Loads the model, starts the
+    engine thread, serves until interrupted or until a distributed engine dies (then returns 1), stops the engine."""
     import uvicorn
 
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    port = args.server_port + (rank if parallel.dp > 1 else 0)
     reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
     tools = get_tool_call_parser(args.tool_call_parser) if args.tool_call_parser else None
     tokenizer = load_tokenizer(args.model)
-    engine = AsyncEngine.from_checkpoint(args.model, args.dtype, args.device, EngineConfig.from_namespace(args), tokenizer)
+    engine = AsyncEngine.from_checkpoint(
+        args.model, args.dtype, args.device, EngineConfig.from_namespace(args), tokenizer, parallel, rank
+    )
     name = args.model_name or Path(args.model).resolve().name
     ctx = ServingContext(
         engine=engine,
@@ -156,20 +180,39 @@ def run_api_server(args: argparse.Namespace) -> None:
         reasoning_parser=reasoning,
         tool_parser=tools,
     )
+    stopping = threading.Event()
+    died = threading.Event()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         try:
             if args.proxy_url:
-                node_url = advertised_url(args.server_name, args.server_port, args.proxy_url)
+                node_url = advertised_url(args.server_name, port, args.proxy_url)
                 async with proxy_membership(args.proxy_url, node_url, models=[name], capacity=args.max_num_seqs):
                     yield
             else:
                 yield
         finally:
+            stopping.set()
             engine.shutdown()
+            engine.engine.shutdown()
 
     app = build_app(ctx, tuple(args.api_keys), lifespan)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("serving %s as '%s' on http://%s:%d/v1", args.model, name, args.server_name, args.server_port)
-    uvicorn.run(BodySizeLimit(app, MAX_BODY_BYTES), host=args.server_name, port=args.server_port, log_level=args.log_level)
+    server = uvicorn.Server(
+        uvicorn.Config(BodySizeLimit(app, MAX_BODY_BYTES), host=args.server_name, port=port, log_level=args.log_level)
+    )
+
+    def exit_soon(error: BaseException) -> None:
+        if stopping.is_set():
+            return
+        died.set()
+        log.error("the engine died (%s); exiting in %.0f s", error, FAILURE_GRACE_S)
+        timer = threading.Timer(FAILURE_GRACE_S, lambda: setattr(server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+
+    if parallel.is_distributed:
+        engine.on_death(exit_soon)
+    log.info("serving %s as '%s' on http://%s:%d/v1", args.model, name, args.server_name, port)
+    server.run()
+    return 1 if died.is_set() else 0

@@ -45,6 +45,9 @@ class ServingContext:
 
 
 def check_model(ctx: ServingContext, name: str | None) -> None:
+    """404 for another model's name; 503 at once while the engine is dead (no stream is started)."""
+    if ctx.engine.errored:
+        raise APIError(503, f"the engine has stopped: {ctx.engine.error}")
     if name is not None and name != ctx.model_name:
         raise APIError(404, f"The model '{name}' does not exist; this server serves '{ctx.model_name}'", "model")
 

@@ -1,0 +1,213 @@
+"""Starting this node's ranks as processes and supervising them.
+
+- TP/EP (dp == 1), node 0: the server (or LLM) process is rank 0; `start_local_workers` spawns the node's other
+  ranks as followers (s1serve.distributed.worker). Supervisor threads wait on them: a worker that ends
+  before it is told to stop is a failure, reported to the runner (which makes the engine dead) before the
+  remaining workers are stopped.
+- TP/EP, a `--headless` node: `run_headless` spawns the node's followers and exits when they exit: 0 when rank 0
+  stopped them, 1 when one failed (e.g. rank 0 went away).
+- DP (dp > 1): `run_dp_servers` spawns one process per local DP rank, each a whole api_server on --server-port +
+  its DP rank (registering with --proxy-url on its own port), and exits non-zero a few seconds after one of them
+  fails (they are coupled by their MoE collectives under ep == dp; independent replicas are stopped alike, so that
+  a deployment is either whole or visibly gone).
+
+Processes are started fresh (`python -m s1serve.distributed.spawned`, never forked: torch and threads) and die
+with their parent, even a SIGKILLed one. SIGTERM / SIGINT to a --headless or DP launcher stops its processes
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from s1serve.distributed.config import ParallelConfig
+from s1serve.distributed.groups import free_loopback_address
+from s1serve.distributed.worker import RankSpec, configure_logging, die_with_parent, run_worker
+from s1serve.engine.config import EngineConfig
+
+log = logging.getLogger("s1serve.launcher")
+
+FAILURE_GRACE_S = 3.0  # after a failure, how long the others stay up (so that /health can be seen answering 503)
+STOP_TIMEOUT_S = 10.0  # how long stopped processes get to exit before they are killed
+
+
+class WorkerDied(RuntimeError):
+    """A rank's process ended while the engine needed it."""
+
+
+class Child:
+    """A process started by `spawn`: `python -m s1serve.distributed.spawned NAME`, given its function on stdin."""
+
+    def __init__(self, name: str, target: Callable[..., Any], args: tuple[Any, ...]):
+        self.name = name
+        # The name rides along as an argument only to show in `ps`.
+        command = [sys.executable, "-m", "s1serve.distributed.spawned", name]
+        self.popen = subprocess.Popen(command, stdin=subprocess.PIPE)
+        self.pid = self.popen.pid
+        assert self.popen.stdin is not None
+        with self.popen.stdin:
+            pickle.dump((target, (*args, os.getpid())), self.popen.stdin)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def describe_exit(self) -> str:
+        code = self.popen.returncode
+        if code is not None and code < 0:
+            return f"{self.name} (pid {self.pid}) was killed by {signal.Signals(-code).name}"
+        return f"{self.name} (pid {self.pid}) exited with status {code}"
+
+
+def spawn(target: Callable[..., Any], args: list[tuple[Any, ...]], names: list[str]) -> list[Child]:
+    """One process per argument tuple, running target(*args, parent_pid) (a module-level function).
+
+    Not multiprocessing: a spawned multiprocessing child re-imports the parent's __main__, which breaks scripts
+    that call LLM(tp=2) without an `if __name__ == "__main__"` guard."""
+    return [Child(name, target, a) for a, name in zip(args, names)]
+
+
+class Supervisor:
+    """Watches processes from threads. Failure: any exit before stop() when `until_stopped` (the processes are
+    meant to run until told), else a non-zero exit. On the first failure the callbacks run, then after `grace`
+    seconds the other processes are stopped."""
+
+    def __init__(self, processes: list[Child], until_stopped: bool, grace: float = 0.0):
+        self.processes = processes
+        self.until_stopped = until_stopped
+        self.grace = grace
+        self.failure: WorkerDied | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[BaseException], None]] = []
+        self._waiters = [
+            threading.Thread(target=self._watch, args=(proc,), name=f"s1serve-watch-{proc.pid}", daemon=True)
+            for proc in processes
+        ]
+        for waiter in self._waiters:
+            waiter.start()
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        with self._lock:
+            if self.failure is None:
+                self._callbacks.append(callback)
+                return
+        callback(self.failure)
+
+    def _watch(self, proc: Child) -> None:
+        code = proc.popen.wait()
+        failed = code != 0 or (self.until_stopped and not self._stopping.is_set())
+        if failed and not self._stopping.is_set():
+            self._fail(WorkerDied(proc.describe_exit()))
+
+    def _fail(self, error: WorkerDied) -> None:
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure = error
+            callbacks, self._callbacks = self._callbacks, []
+        log.error("%s", error)
+        for callback in callbacks:
+            callback(error)
+        if self.grace:
+            self._stopping.wait(self.grace)
+        self._terminate()
+
+    def _terminate(self) -> None:
+        self._stopping.set()
+        for proc in self.processes:
+            if proc.exitcode is None:
+                proc.popen.terminate()
+
+    def _join(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for waiter in self._waiters:
+            waiter.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(w.is_alive() for w in self._waiters)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Lets the processes exit (after they were told to) for up to `timeout` seconds, then kills the rest."""
+        self._stopping.set()
+        if not self._join(timeout):
+            for proc in self.processes:
+                if proc.exitcode is None:
+                    proc.popen.kill()
+            self._join(None)
+
+    def terminate(self) -> None:
+        """SIGTERM to every process still running, then stop()."""
+        self._terminate()
+        self.stop()
+
+    def wait(self) -> int:
+        """Blocks until every process has ended; 1 if one failed, else 0."""
+        while not self._join(0.5):  # a timed wait keeps the main thread open to signals
+            pass
+        return 0 if self.failure is None else 1
+
+
+def start_local_workers(spec: RankSpec) -> Supervisor:
+    """Node 0 of a TP/EP engine: its ranks other than 0, as followers."""
+    ranks = [r for r in spec.parallel.local_ranks if r != 0]
+    procs = spawn(run_worker, [(spec, r) for r in ranks], [f"rank-{r}" for r in ranks])
+    return Supervisor(procs, until_stopped=True)
+
+
+def _stop_on_signals(supervisor: Supervisor) -> None:
+    def handler(signum: int, _: FrameType | None) -> None:
+        log.info("%s: stopping this node's ranks", signal.Signals(signum).name)
+        threading.Thread(target=supervisor.terminate, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_headless(args: argparse.Namespace, parallel: ParallelConfig) -> int:
+    """A --headless node: its followers of rank 0's engine; exits when they do."""
+    configure_logging()
+    config = EngineConfig.from_namespace(args)
+    spec = RankSpec(Path(args.model), args.dtype, args.device, config, parallel, parallel.address)
+    ranks = list(parallel.local_ranks)
+    log.info("headless node %d: ranks %s, rank 0 at %s", parallel.node_rank, ranks, parallel.address)
+    supervisor = Supervisor(spawn(run_worker, [(spec, r) for r in ranks], [f"rank-{r}" for r in ranks]), False)
+    _stop_on_signals(supervisor)
+    return supervisor.wait()
+
+
+def run_dp_servers(args: argparse.Namespace, parallel: ParallelConfig) -> int:
+    """This node's DP ranks, each an api_server process; exits when they do (non-zero if one failed)."""
+    configure_logging()
+    if parallel.ep > 1 and not parallel.address:
+        parallel = dataclasses.replace(parallel, dist_init_addr=free_loopback_address())
+    ranks = list(parallel.local_ranks)
+    log.info("node %d: DP ranks %s on ports %s", parallel.node_rank, ranks, [args.server_port + r for r in ranks])
+    procs = spawn(_serve_dp_rank, [(args, parallel, r) for r in ranks], [f"dp-rank-{r}" for r in ranks])
+    supervisor = Supervisor(procs, until_stopped=True, grace=FAILURE_GRACE_S)
+    _stop_on_signals(supervisor)
+    return supervisor.wait()
+
+
+def _serve_dp_rank(args: argparse.Namespace, parallel: ParallelConfig, rank: int, parent_pid: int) -> None:
+    from s1serve.errors import S1ServeError
+    from s1serve.serve.openai.api_server import serve
+
+    die_with_parent(parent_pid)
+    try:
+        code = serve(args, parallel, rank)
+    except (S1ServeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: DP rank {rank}: {exc}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code)
