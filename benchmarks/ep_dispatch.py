@@ -52,7 +52,8 @@ from torch.nn import functional as F  # noqa: E402
 from s1serve.checkpoint.tiny import PRESETS  # noqa: E402
 from s1serve.config import TextConfig  # noqa: E402
 from s1serve.distributed.context import ParallelContext  # noqa: E402
-from s1serve.layers.moe import SparseMoE, exchange_token_counts, grouped_matmul, select_experts  # noqa: E402
+from s1serve.layers.kernels import grouped_linear  # noqa: E402
+from s1serve.layers.moe import SparseMoE, exchange_token_counts, select_experts  # noqa: E402
 
 WORLD = 2
 
@@ -91,10 +92,10 @@ def all_to_all_layer(moe: SparseMoE, x: torch.Tensor, counts: list[int]) -> torc
     local_ids = recv[:, width].long() - moe.experts.start
     by_expert = torch.argsort(local_ids, stable=True)
     ends = torch.cumsum(torch.bincount(local_ids, minlength=len(moe.experts)), 0)
-    hidden = grouped_matmul(recv[by_expert, :width], moe.w13.transpose(1, 2), ends)
+    hidden = grouped_linear(recv[by_expert, :width], moe.w13, ends)
     hidden = F.silu(hidden[:, : moe.intermediate]) * hidden[:, moe.intermediate :]
     out = torch.empty_like(recv[:, :width])
-    out[by_expert] = grouped_matmul(hidden, moe.w2.transpose(1, 2), ends)
+    out[by_expert] = grouped_linear(hidden, moe.w2, ends)
     back = x.new_empty(order.shape[0], width)
     dist.all_to_all_single(back, out, send_sizes, recv_sizes, group=group)
     back = back * weights.flatten()[order].to(x.dtype)[:, None]

@@ -20,6 +20,7 @@ from torch import nn
 
 from s1serve.engine.config import EngineConfig, flag
 from s1serve.engine.kv_cache import allocate_kv_cache, num_blocks_for_memory
+from s1serve.layers import kernels
 from s1serve.layers.attention import AttentionBatch
 
 
@@ -72,6 +73,7 @@ class ModelRunner:
     needs_heartbeat = False
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int):
+        kernels.pack_weights(model)  # bf16 on a CPU with AVX512-BF16: the kernels' layout, from now on
         param = next(model.parameters())
         self.model = model
         self.device = param.device

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from s1serve.distributed.context import ParallelContext, all_gather, all_reduce
+from s1serve.layers import kernels
 
 
 class ShardedWeight(nn.Module):
@@ -45,16 +46,20 @@ def _tp_part(size: int, ctx: ParallelContext, what: str) -> range:
 class ColumnParallelLinear(ShardedWeight):
     """y[:, part] = x W[part]^T (no bias). `rows` overrides the even tp split (e.g. replicated KV heads)."""
 
+    packable_weights = ("weight",)
+
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, rows: range | None = None):
         part = rows if rows is not None else _tp_part(out_features, ctx, "output features")
         super().__init__((out_features, in_features), 0, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return kernels.linear(x, self.weight)
 
 
 class RowParallelLinear(ShardedWeight):
     """y = sum over tp of x[:, part] W[:, part]^T (no bias): x arrives split, y leaves whole."""
+
+    packable_weights = ("weight",)
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, cols: range | None = None):
         part = cols if cols is not None else _tp_part(in_features, ctx, "input features")
@@ -62,7 +67,7 @@ class RowParallelLinear(ShardedWeight):
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight), self.ctx.tp_size, self.ctx.tp_group)
+        return all_reduce(kernels.linear(x, self.weight), self.ctx.tp_size, self.ctx.tp_group)
 
 
 class VocabParallelEmbedding(ShardedWeight):
@@ -84,11 +89,13 @@ class VocabParallelEmbedding(ShardedWeight):
 class ParallelLMHead(ShardedWeight):
     """Untied lm_head with vocabulary rows [part); every rank receives the full logits."""
 
+    packable_weights = ("weight",)
+
     def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext):
         super().__init__((vocab_size, hidden_size), 0, _tp_part(vocab_size, ctx, "vocabulary"))
         self.ctx = ctx
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, hidden] -> float32 logits [T, vocab], identical on every rank."""
-        logits = F.linear(hidden, self.weight).float()
+        logits = kernels.linear(hidden, self.weight, torch.float32)
         return all_gather(logits, self.ctx.tp_size, self.ctx.tp_group, dim=-1)

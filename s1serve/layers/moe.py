@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from s1serve.config import TextConfig
 from s1serve.distributed.context import ParallelContext, all_gather, all_reduce, reduce_scatter
+from s1serve.layers import kernels
 from s1serve.layers.linear import ColumnParallelLinear, RowParallelLinear
 
 
@@ -54,27 +55,12 @@ def select_experts(
     return ids, weights
 
 
-def grouped_matmul(x: torch.Tensor, weight_t: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Row segment e of x (rows ends[e-1]..ends[e]) times weight_t[e]; weight_t is [E, in, out].
-
-    torch._grouped_mm needs 16-byte aligned rows; odd shapes fall back to one matmul per non-empty expert.
-    """
-    align = 16 // x.element_size()
-    if x.shape[-1] % align == 0 and weight_t.shape[-1] % align == 0 and x.dtype in (torch.float32, torch.bfloat16):
-        return torch._grouped_mm(x, weight_t, offs=ends.to(torch.int32))
-    out = x.new_empty(x.shape[0], weight_t.shape[-1])
-    start = 0
-    for expert, end in enumerate(ends.tolist()):
-        if end > start:
-            out[start:end] = x[start:end] @ weight_t[expert]
-        start = end
-    return out
-
-
 class SparseMoE(nn.Module):
     """Router `gate` (replicated) plus this rank's experts stacked as w13 [E_local, 2I, H] (gate rows then up rows)
     and w2 [E_local, H, I]; `experts` are their global ids and `intermediate_part` the slice of each expert's
     intermediate dimension held here (all of it under EP)."""
+
+    packable_weights = ("gate.weight", "w13", "w2")
 
     def __init__(self, cfg: TextConfig, ctx: ParallelContext):
         super().__init__()
@@ -100,7 +86,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]. `token_counts`: every ep rank's T this step under DP attention (as
         exchange_token_counts returns it; exchanged here when not given)."""
-        ids, weights = select_experts(self.gate(x), self.top_k, self.num_groups, self.renormalize)
+        ids, weights = select_experts(kernels.linear(x, self.gate.weight), self.top_k, self.num_groups, self.renormalize)
         ctx = self.ctx
         if ctx.ep_size > 1 and not ctx.tokens_replicated:
             counts = token_counts or exchange_token_counts(x.shape[0], ctx, x.device)
@@ -125,9 +111,9 @@ class SparseMoE(nn.Module):
         if local < self.num_experts:
             order = order[: int(ends[-1])]
         token_of_row = order // self.top_k
-        hidden = grouped_matmul(x[token_of_row], self.w13.transpose(1, 2), ends)
+        hidden = kernels.grouped_linear(x[token_of_row], self.w13, ends)
         hidden = F.silu(hidden[:, : self.intermediate]) * hidden[:, self.intermediate :]
-        out_rows = grouped_matmul(hidden, self.w2.transpose(1, 2), ends)
+        out_rows = kernels.grouped_linear(hidden, self.w2, ends)
         out_rows = out_rows * weights.flatten()[order].to(x.dtype)[:, None]
         return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)
 

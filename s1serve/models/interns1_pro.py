@@ -68,8 +68,8 @@ class InternS1ProForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache], batch: AttentionBatch
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
-        cos, sin = self.rotary_emb(positions)
         x = self.embed_tokens(input_ids)
+        cos, sin = (table.to(x.dtype) for table in self.rotary_emb(positions))  # once, not in every layer
         token_counts = exchange_token_counts(x.shape[0], self.parallel, x.device)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cos, sin, cache, batch, token_counts)

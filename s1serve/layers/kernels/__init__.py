@@ -1,0 +1,137 @@
+"""Optional CPU kernels: bf16 matmuls with AVX512-BF16 (`bf16_matmul.cpp`), compiled on first use.
+
+Why by hand: for the few rows of a decode step oneDNN's bf16 GEMM reads weights at well under the memory bandwidth
+(`benchmarks/cpu_matmul.py` has the side-by-side figures). The kernel works on weights packed for it once, when a
+ModelRunner takes the model (`pack_weights`): a packed weight is recognised by its shape ([N/64, K/2, 64, 2], or
+[E, N/64, K/2, 64, 2] for stacked experts), and every call with it goes through the kernel, whatever the number of
+rows. The kernel is row-invariant, so batching never changes a sequence's result.
+
+Weights stay unpacked, and take PyTorch, where the kernel does not apply: float32 or other devices, a CPU without
+AVX512-BF16, output features not a multiple of 64, a failed build, or S1SERVE_CPU_KERNELS=0.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger("s1serve.kernels")
+SOURCE = Path(__file__).with_name("bf16_matmul.cpp")
+ENV_SWITCH = "S1SERVE_CPU_KERNELS"
+BLOCK_N = 64  # output columns per packed block (bf16_matmul.cpp)
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+@functools.cache
+def bf16_kernels() -> ModuleType | None:
+    """The compiled extension, or None where it cannot be used (the reason is logged once)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if not cpu_has_avx512_bf16():
+        log.info("CPU has no AVX512-BF16: bf16 matmuls use PyTorch")
+        return None
+    from torch.utils.cpp_extension import load
+
+    try:
+        import ninja  # the build tool torch's extension builder calls, from the venv when not on PATH
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    except ImportError:
+        pass
+    try:
+        return load(
+            name="s1serve_bf16_matmul",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja: run, slower, on PyTorch
+        log.warning("could not build the CPU bf16 kernels (%s): bf16 matmuls use PyTorch", exc)
+        return None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [..., N, K] in the kernel's layout [..., N/64, K/2, 64, 2], or None where the kernel does not apply."""
+    *lead, n, k = weight.shape
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype != torch.bfloat16
+        or n % BLOCK_N
+        or k % 2
+        or bf16_kernels() is None
+    ):
+        return None
+    blocks = weight.reshape(*lead, n // BLOCK_N, BLOCK_N, k // 2, 2)
+    return blocks.transpose(-3, -2).contiguous()
+
+
+def pack_weights(model: nn.Module) -> int:
+    """Packs, in place, the weights that modules list in `packable_weights` (dotted names); returns how many."""
+    packed = 0
+    for module in model.modules():
+        for name in getattr(module, "packable_weights", ()):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            weight = getattr(owner, leaf)
+            if is_packed(weight):
+                continue
+            layout = pack(weight.data)
+            if layout is not None:
+                setattr(owner, leaf, nn.Parameter(layout, requires_grad=False))
+                packed += 1
+    return packed
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    return weight.dim() in (4, 5) and weight.shape[-1] == 2 and weight.shape[-2] == BLOCK_N
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] times weight [N, K] (or its packed layout) transposed -> [..., N] in out_dtype (default x's)."""
+    out_dtype = out_dtype or x.dtype
+    if weight.dim() != 4:
+        return F.linear(x, weight).to(out_dtype)
+    kernels = bf16_kernels()
+    assert kernels is not None  # packed weights exist only where the kernels were built
+    out = kernels.linear(_rows(x), weight, out_dtype == torch.bfloat16)
+    return out.view(*x.shape[:-1], weight.shape[0] * BLOCK_N).to(out_dtype)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Row segment e of x (rows ends[e-1]..ends[e]) times weight[e]^T; weight [E, N, K] or packed; out [rows, N]."""
+    if weight.dim() == 5:
+        kernels = bf16_kernels()
+        assert kernels is not None
+        return kernels.grouped_linear(_rows(x), weight, ends.to(torch.long), True)
+    weight_t = weight.transpose(1, 2)
+    align = 16 // x.element_size()
+    if x.shape[-1] % align == 0 and weight_t.shape[-1] % align == 0 and x.dtype in (torch.float32, torch.bfloat16):
+        return torch._grouped_mm(x, weight_t, offs=ends.to(torch.int32))
+    # torch._grouped_mm needs 16-byte aligned rows; odd shapes take one matmul per non-empty expert.
+    out = x.new_empty(x.shape[0], weight_t.shape[-1])
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ weight_t[expert]
+        start = end
+    return out
