@@ -7,16 +7,16 @@ The checkpoint is `make-tiny --preset bench --arch qwen3_moe` (written to --mode
 preset's decoder with plain RoPE and plain top-k routing, which transformers runs as its native Qwen3-MoE.
 For each concurrency C, C requests of --input-len random prompt ids generate exactly --output-len ids each
 (greedy, eos ignored), all submitted at once; output tokens/s = C * output-len / wall time (prefill included),
-the best of --repeats runs (a shared machine stalls multi-threaded runs at random; the best run is the one that
+the best of --repeats rounds. Rounds alternate s1serve and transformers (a shared machine stalls multi-threaded
+runs at random; alternating keeps a slow spell from falling on one side only, and the best run is the one that
 was not disturbed).
 transformers runs in a subprocess of its own Python (--hf-python): plain `generate` on the whole batch (equal
 prompt lengths: no padding), and `generate_batch` (its continuous-batching API) where the version has one.
 
 Batch-1 decode is also measured against the memory-bandwidth roofline: bytes of weights one decode step reads
 (everything but the embedding table and the unrouted experts; one embedding row, top-k experts per layer) over
-the read bandwidth measured in the same run: the fastest of 10 sums over a 1 GiB tensor, taken before the model is
-loaded and again after the decode measurement (this VM's bandwidth moves between ~45 and ~80 GB/s with its
-neighbours; the higher figure keeps the share of the roofline honest).
+the read bandwidth measured just before each decode run (the fastest of 5 sums over a 1 GiB tensor): this VM's
+bandwidth moves between ~45 and ~80 GB/s with its neighbours, so each run is compared with its own.
 """
 
 from __future__ import annotations
@@ -147,12 +147,14 @@ def run_s1serve(llm: LLM, prompts: list[list[int]], output_len: int, repeats: in
     return min(times), [o.token_ids for o in outs]
 
 
-def s1serve_decode_step(llm: LLM, prompt: list[int], output_len: int, repeats: int) -> float:
-    """Median wall time of the engine's batch-1 decode steps (the first step, the prefill, excluded); the best
-    of the repeats."""
+def s1serve_decode_step(llm: LLM, prompt: list[int], output_len: int, repeats: int) -> list[tuple[float, float]]:
+    """Per run: (median wall time of the engine's batch-1 decode steps, the prefill excluded; the read bandwidth
+    measured just before). Pairing each run with its own bandwidth keeps the share of the roofline meaningful on a
+    VM whose bandwidth moves with its neighbours."""
     engine = llm.engine
-    medians = []
+    runs = []
     for run in range(repeats):
+        bandwidth = read_bandwidth(5)
         params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         engine.add_request(f"decode-{run}", prompt, params)
         times = []
@@ -160,8 +162,8 @@ def s1serve_decode_step(llm: LLM, prompt: list[int], output_len: int, repeats: i
             t = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t)
-        medians.append(statistics.median(times[1:]))
-    return min(medians)
+        runs.append((statistics.median(times[1:]), bandwidth))
+    return runs
 
 
 def run_hf(python: str, model: Path, prompts: dict[int, list[list[int]]], output_len: int, repeats: int) -> dict | str:
@@ -203,35 +205,45 @@ def main() -> None:
         c: [[rng.randrange(1000, 150000) for _ in range(args.input_len)] for _ in range(c)] for c in args.concurrency
     }
     print(f"machine: {machine()}", flush=True)
-    bandwidth_at_start = read_bandwidth()
 
     llm = LLM(args.model, dtype="bfloat16", skip_tokenizer_init=True)
     run_s1serve(llm, prompts[min(prompts)][:1], 4, 1)  # warm-up
-    ours: dict[int, float] = {}
+    # Rounds alternate the two sides, so that a slow spell of the machine does not fall on one side only.
+    seconds_ours: dict[int, list[float]] = {c: [] for c in prompts}
+    seconds_hf: dict[str, dict[int, list[float]]] = {}
+    hf_notes: dict[str, str] = {}
+    hf_first: dict | None = None
     our_first: list[int] = []
-    for c, batch in prompts.items():
-        seconds, ids = run_s1serve(llm, batch, args.output_len, args.repeats)
-        ours[c] = c * args.output_len / seconds
-        our_first = our_first or ids[0]
-        print(f"s1serve  C={c:<3} {ours[c]:8.1f} output tok/s ({seconds:.1f} s)", flush=True)
-    step = s1serve_decode_step(llm, prompts[min(prompts)][0], args.output_len, args.repeats)
-    bandwidth = max(bandwidth_at_start, read_bandwidth())
-    weight_bytes = decode_bytes_per_token(llm.engine.runner.model)
-    roofline = bandwidth / weight_bytes
-    del llm
-
-    hf: dict | str = "skipped (--skip-hf)"
-    if not args.skip_hf:
-        hf = run_hf(args.hf_python, args.model, prompts, args.output_len, args.repeats)
-    hf_columns: dict[str, dict[int, float]] = {}
-    if isinstance(hf, dict):
+    for round_ in range(args.repeats):
+        for c, batch in prompts.items():
+            seconds, ids = run_s1serve(llm, batch, args.output_len, 1)
+            seconds_ours[c].append(seconds)
+            our_first = our_first or ids[0]
+            print(f"round {round_ + 1}: s1serve C={c:<3} {c * args.output_len / seconds:8.1f} output tok/s", flush=True)
+        if args.skip_hf:
+            hf_notes["all"] = "skipped (--skip-hf)"
+            continue
+        hf = run_hf(args.hf_python, args.model, prompts, args.output_len, 1)
+        if isinstance(hf, str):
+            hf_notes["all"] = hf
+            continue
+        hf_first = hf_first or hf
         for api in ("generate", "generate_batch"):
             if isinstance(hf[api], dict):
-                hf_columns[api] = {int(c): int(c) * args.output_len / s for c, s in hf[api].items()}
+                for c, sec in hf[api].items():
+                    seconds_hf.setdefault(api, {}).setdefault(int(c), []).append(sec)
+                print(f"round {round_ + 1}: HF {api} " + ", ".join(
+                    f"C={c}: {int(c) * args.output_len / sec:.1f}" for c, sec in hf[api].items()), flush=True)
             else:
-                print(f"transformers {api}: {hf[api]}")
-    else:
-        print(f"transformers: {hf}")
+                hf_notes[api] = hf[api]
+    ours = {c: c * args.output_len / min(times) for c, times in seconds_ours.items()}
+    hf_columns = {api: {c: c * args.output_len / min(t) for c, t in per_c.items()} for api, per_c in seconds_hf.items()}
+    for api, note in hf_notes.items():
+        print(f"transformers {api}: {note}")
+    decode_runs = s1serve_decode_step(llm, prompts[min(prompts)][0], args.output_len, args.repeats)
+    weight_bytes = decode_bytes_per_token(llm.engine.runner.model)
+    del llm
+    hf = hf_first
 
     print()
     print(f"Offline throughput, {args.input_len} in / {args.output_len} out, greedy, bench preset (qwen3_moe, bf16)")
@@ -245,12 +257,12 @@ def main() -> None:
         cells.append(f"{ours[c] / best:.2f}x" if best else "n/a")
         print("| " + " | ".join(cells) + " |")
     print()
-    print(
-        f"Batch-1 decode: s1serve {1 / step:.1f} tok/s ({step * 1e3:.1f} ms/step); roofline {roofline:.1f} tok/s "
-        f"= {weight_bytes / 1e6:.0f} MB of weights per token / {bandwidth / 1e9:.1f} GB/s read bandwidth; "
-        f"s1serve at {100 / step / roofline:.0f}% of the roofline"
-        + (f"; HF generate {1 / hf['decode_step_s']:.1f} tok/s" if isinstance(hf, dict) else "")
-    )
+    shares = [weight_bytes / step / bandwidth for step, bandwidth in decode_runs]
+    print(f"Batch-1 decode ({weight_bytes / 1e6:.0f} MB of weights per token), per run: " + "; ".join(
+        f"{1 / step:.1f} tok/s ({step * 1e3:.1f} ms/step) at {bandwidth / 1e9:.1f} GB/s = {share:.0%} of its roofline"
+        for (step, bandwidth), share in zip(decode_runs, shares)))
+    print(f"Batch-1 decode: median {statistics.median(shares):.0%} of the roofline"
+          + (f"; HF generate {1 / hf['decode_step_s']:.1f} tok/s" if isinstance(hf, dict) else ""))
     if isinstance(hf, dict):
         same = next((i for i, (a, b) in enumerate(zip(our_first, hf["ids"])) if a != b), len(our_first))
         print(f"Greedy ids of the first C=1 prompt: s1serve and HF agree on the first {same} of {args.output_len}")
