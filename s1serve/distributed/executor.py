@@ -127,7 +127,25 @@ def start_driver(
     return DistributedRunner(local, world, workers, reports)
 
 
-class DistributedRunner:
+class _OverLocalShard:
+    """A runner built around this rank's own ModelRunner (`local`): the model, and the KV geometry, are its."""
+
+    local: ModelRunner
+
+    @property
+    def model(self) -> nn.Module:
+        return self.local.model
+
+    @property
+    def num_blocks(self) -> int:
+        return self.local.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.local.block_size
+
+
+class DistributedRunner(_OverLocalShard):
     """Rank 0's runner of a TP/EP engine: each call is broadcast to the followers, then run on rank 0's shard."""
 
     needs_heartbeat = False
@@ -145,18 +163,6 @@ class DistributedRunner:
         self._closed = threading.Event()
         workers.on_failure(self._fail)
         threading.Thread(target=self._heartbeat, name="s1serve-heartbeat", daemon=True).start()
-
-    @property
-    def model(self) -> nn.Module:
-        return self.local.model
-
-    @property
-    def num_blocks(self) -> int:
-        return self.local.num_blocks
-
-    @property
-    def block_size(self) -> int:
-        return self.local.block_size
 
     def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor:
         return self._call("execute", seqs, logits_for)
@@ -234,7 +240,7 @@ class DistributedRunner:
             self.workers.terminate()
 
 
-class LockstepRunner:
+class LockstepRunner(_OverLocalShard):
     """A DP rank whose MoE layers exchange tokens with the other DP ranks: all ranks must enter the same forwards."""
 
     needs_heartbeat = True
@@ -243,18 +249,6 @@ class LockstepRunner:
         self.local = local
         self.world = world
         self.reports = reports
-
-    @property
-    def model(self) -> nn.Module:
-        return self.local.model
-
-    @property
-    def num_blocks(self) -> int:
-        return self.local.num_blocks
-
-    @property
-    def block_size(self) -> int:
-        return self.local.block_size
 
     def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor:
         return self.local.execute(seqs, logits_for)

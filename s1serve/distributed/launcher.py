@@ -48,6 +48,34 @@ class WorkerDied(RuntimeError):
     """A rank's process ended while the engine needed it."""
 
 
+class FailureSignal:
+    """The first failure of a set of workers, told once to every callback (also to those registered after it)."""
+
+    def __init__(self) -> None:
+        self.failure: WorkerDied | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[BaseException], None]] = []
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        with self._lock:
+            if self.failure is None:
+                self._callbacks.append(callback)
+                return
+        callback(self.failure)
+
+    def report(self, error: WorkerDied) -> bool:
+        """Records the failure and runs the callbacks; False (and nothing done) when one was recorded before."""
+        with self._lock:
+            if self.failure is not None:
+                return False
+            self.failure = error
+            callbacks, self._callbacks = self._callbacks, []
+        log.error("%s", error)
+        for callback in callbacks:
+            callback(error)
+        return True
+
+
 class Child:
     """A process started by `spawn`: `python -m s1serve.distributed.spawned NAME`, given its function on stdin."""
 
@@ -80,32 +108,23 @@ def spawn(target: Callable[..., Any], args: list[tuple[Any, ...]], names: list[s
     return [Child(name, target, a) for a, name in zip(args, names)]
 
 
-class Supervisor:
+class Supervisor(FailureSignal):
     """Watches processes from threads. Failure: any exit before stop() when `until_stopped` (the processes are
     meant to run until told), else a non-zero exit. On the first failure the callbacks run, then after `grace`
     seconds the other processes are stopped."""
 
     def __init__(self, processes: list[Child], until_stopped: bool, grace: float = 0.0):
+        super().__init__()
         self.processes = processes
         self.until_stopped = until_stopped
         self.grace = grace
-        self.failure: WorkerDied | None = None
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[BaseException], None]] = []
         self._waiters = [
             threading.Thread(target=self._watch, args=(proc,), name=f"s1serve-watch-{proc.pid}", daemon=True)
             for proc in processes
         ]
         for waiter in self._waiters:
             waiter.start()
-
-    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
-        with self._lock:
-            if self.failure is None:
-                self._callbacks.append(callback)
-                return
-        callback(self.failure)
 
     def _watch(self, proc: Child) -> None:
         code = proc.popen.wait()
@@ -114,14 +133,8 @@ class Supervisor:
             self._fail(WorkerDied(proc.describe_exit()))
 
     def _fail(self, error: WorkerDied) -> None:
-        with self._lock:
-            if self.failure is not None:
-                return
-            self.failure = error
-            callbacks, self._callbacks = self._callbacks, []
-        log.error("%s", error)
-        for callback in callbacks:
-            callback(error)
+        if not self.report(error):
+            return
         if self.grace:
             self._stopping.wait(self.grace)
         self._terminate()

@@ -18,14 +18,13 @@ import dataclasses
 import logging
 import socket
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from s1serve.distributed.config import ParallelConfig
-from s1serve.distributed.launcher import STOP_TIMEOUT_S, WorkerDied
+from s1serve.distributed.launcher import STOP_TIMEOUT_S, FailureSignal, WorkerDied
 from s1serve.distributed.worker import RankSpec, configure_logging, follow_rank
 from s1serve.engine.config import EngineConfig
 from s1serve.errors import S1ServeError
@@ -48,27 +47,18 @@ class RankActor:
         return int(ray.get_gpu_ids()[0])
 
 
-class RayWorkers:
+class RayWorkers(FailureSignal):
     """The actors of ranks 1..N-1, watched by a thread (see the module's docstring)."""
 
     def __init__(self, actors: list[Any], refs: list[Any], group: Any):
+        super().__init__()
         self.actors = actors
         self.refs = refs  # one follow() result per actor, in rank order
         self.group = group  # the placement group
-        self.failure: WorkerDied | None = None
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[BaseException], None]] = []
         self._done = threading.Event()
         self._terminated = False
         threading.Thread(target=self._watch, name="s1serve-ray-watch", daemon=True).start()
-
-    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
-        with self._lock:
-            if self.failure is None:
-                self._callbacks.append(callback)
-                return
-        callback(self.failure)
 
     def _watch(self) -> None:
         import ray
@@ -88,15 +78,8 @@ class RayWorkers:
         self._done.set()
 
     def _fail(self, error: WorkerDied) -> None:
-        with self._lock:
-            if self.failure is not None:
-                return
-            self.failure = error
-            callbacks, self._callbacks = self._callbacks, []
-        log.error("%s", error)
-        for callback in callbacks:
-            callback(error)
-        self.terminate()
+        if self.report(error):
+            self.terminate()
 
     def stop(self) -> None:
         self._stopping.set()
