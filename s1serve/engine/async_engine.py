@@ -23,11 +23,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-from s1serve.distributed.config import ParallelConfig
-from s1serve.engine.config import EngineConfig
 from s1serve.engine.engine import Engine, EngineStats
 from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import SamplingParams
@@ -58,19 +55,6 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="s1serve-engine", daemon=True)
         self._thread.start()
         engine.runner.on_failure(self.fail)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        model: str | Path,
-        dtype: str = "auto",
-        device: str = "cpu",
-        config: EngineConfig | None = None,
-        tokenizer: Any | None = None,
-        parallel: ParallelConfig = ParallelConfig(),
-        rank: int = 0,
-    ) -> "AsyncEngine":
-        return cls(Engine.from_checkpoint(model, dtype, device, config, tokenizer, parallel, rank))
 
     @property
     def errored(self) -> bool:

@@ -22,6 +22,7 @@ from s1serve.distributed.config import ParallelConfig
 from s1serve.distributed.launcher import FAILURE_GRACE_S, run_dp_servers, run_headless
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
 from s1serve.engine.config import EngineConfig
+from s1serve.engine.engine import Engine
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
@@ -166,8 +167,8 @@ def serve(args: argparse.Namespace, parallel: ParallelConfig, rank: int = 0) -> 
     reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
     tools = get_tool_call_parser(args.tool_call_parser) if args.tool_call_parser else None
     tokenizer = load_tokenizer(args.model)
-    engine = AsyncEngine.from_checkpoint(
-        args.model, args.dtype, args.device, EngineConfig.from_namespace(args), tokenizer, parallel, rank
+    engine = AsyncEngine(
+        Engine.from_checkpoint(args.model, args.dtype, args.device, EngineConfig.from_namespace(args), tokenizer, parallel, rank)
     )
     name = args.model_name or Path(args.model).resolve().name
     ctx = ServingContext(

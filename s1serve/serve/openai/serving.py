@@ -6,7 +6,7 @@ import json
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -193,6 +193,26 @@ def _usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | N
     return usage
 
 
+async def _sse_stream(
+    metrics: ServerMetrics, endpoint: str, base: dict, chunks: AsyncIterator[dict], usage: Callable[[], dict] | None
+) -> AsyncIterator[str]:
+    """The events of one streamed response: its chunks, an error event if it fails midway, the usage chunk when asked
+    for, then [DONE]; the outcome is counted in the request metrics."""
+    outcome = "ok"
+    try:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield _sse(chunk)
+    except APIError as exc:
+        outcome = "error"
+        yield _sse(error_body(exc.status, exc.message, exc.param))
+    finally:
+        metrics.requests.labels(endpoint, outcome).inc()
+    if usage is not None:
+        yield _sse({**base, "choices": [], "usage": usage()})
+    yield "data: [DONE]\n\n"
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -325,10 +345,10 @@ class ChatServing:
 
     async def _stream(self, gen: Generation, include_usage: bool, reasoning_ids: dict | None, logprobs: bool):
         base = {"id": gen.request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.ctx.model_name}
-        outcome = "ok"
         for i in range(len(gen.choices)):
             yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-        try:
+
+        async def chunks() -> AsyncIterator[dict]:
             async with aclosing(gen.steps()) as steps:
                 async for step in steps:
                     payload = _delta_json(step.delta)
@@ -336,15 +356,11 @@ class ChatServing:
                         choice = {"index": step.index, "delta": payload, "finish_reason": step.finish_reason}
                         if logprobs and step.logprobs:
                             choice["logprobs"] = self._logprobs(step.logprobs)
-                        yield _sse({**base, "choices": [choice]})
-        except APIError as exc:
-            outcome = "error"
-            yield _sse(error_body(exc.status, exc.message, exc.param))
-        finally:
-            self.ctx.metrics.requests.labels("chat", outcome).inc()
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": self._usage(gen, reasoning_ids)})
-        yield "data: [DONE]\n\n"
+                        yield {**base, "choices": [choice]}
+
+        usage = (lambda: self._usage(gen, reasoning_ids)) if include_usage else None
+        async for event in _sse_stream(self.ctx.metrics, "chat", base, chunks(), usage):
+            yield event
 
 
 class CompletionServing:
@@ -422,21 +438,19 @@ class CompletionServing:
 
     async def _stream(self, request_id: str, gens: list[Generation], include_usage: bool, req: CompletionRequest):
         base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.ctx.model_name}
-        outcome = "ok"
-        try:
+
+        async def chunks() -> AsyncIterator[dict]:
             for p, gen in enumerate(gens):
                 async with aclosing(gen.steps()) as steps:
                     async for step in steps:
                         if step.delta.content or step.finish_reason is not None:
                             choice = {"index": p * req.n + step.index, "text": step.delta.content, "finish_reason": step.finish_reason}
                             choice["logprobs"] = self._logprobs(step.logprobs) if req.logprobs is not None and step.logprobs else None
-                            yield _sse({**base, "choices": [choice]})
-        except APIError as exc:
-            outcome = "error"
-            yield _sse(error_body(exc.status, exc.message, exc.param))
-        finally:
-            self.ctx.metrics.requests.labels("completions", outcome).inc()
-        if include_usage:
+                            yield {**base, "choices": [choice]}
+
+        def usage() -> dict:
             completion = sum(len(t) for g in gens for t in g.token_ids)
-            yield _sse({**base, "choices": [], "usage": _usage(sum(len(g.prompt_ids) for g in gens), completion, None)})
-        yield "data: [DONE]\n\n"
+            return _usage(sum(len(g.prompt_ids) for g in gens), completion, None)
+
+        async for event in _sse_stream(self.ctx.metrics, "completions", base, chunks(), usage if include_usage else None):
+            yield event
