@@ -80,9 +80,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     return blocks.transpose(-3, -2).contiguous()
 
 
-def pack_weights(model: nn.Module) -> int:
-    """Packs, in place, the weights that modules list in `packable_weights` (dotted names); returns how many."""
-    packed = 0
+def pack_weights(model: nn.Module) -> None:
+    """Packs, in place, the weights that modules list in `packable_weights` (dotted names), where the kernel applies."""
     for module in model.modules():
         for name in getattr(module, "packable_weights", ()):
             owner_name, _, leaf = name.rpartition(".")
@@ -93,8 +92,6 @@ def pack_weights(model: nn.Module) -> int:
             layout = pack(weight.data)
             if layout is not None:
                 setattr(owner, leaf, nn.Parameter(layout, requires_grad=False))
-                packed += 1
-    return packed
 
 
 def is_packed(weight: torch.Tensor) -> bool:
