@@ -53,9 +53,9 @@ class CheckpointReader:
 
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
-        self.weight_map = self._read_weight_map()
         self._files: dict[str, object] = {}
         self._keys: dict[str, frozenset[str]] = {}  # per shard: `keys()` lists them all, so ask once
+        self.weight_map = self._read_weight_map()
         self.bytes_read = 0  # tensor bytes read so far (parts count as the part)
 
     def _read_weight_map(self) -> dict[str, str]:
