@@ -113,7 +113,7 @@ def decode_bytes_per_token(model: torch.nn.Module) -> int:
             size = param.numel() * param.element_size()
             if module is model.embed_tokens:
                 size = param.shape[1] * param.element_size()  # one row
-            elif isinstance(module, SparseMoE) and name in ("w13", "w2"):
+            elif isinstance(module, SparseMoE):  # the experts' stacks (and FP8 scales); the router is a submodule
                 size = size * module.top_k // module.num_experts
             total += size
     return total

@@ -44,8 +44,17 @@ def demo_checkpoint() -> Path:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from s1serve.checkpoint.tiny import write_tiny_checkpoint
 
-    out = write_tiny_checkpoint(args.out, args.preset, args.seed, args.arch)
-    print(f"wrote {args.preset} checkpoint ({args.arch}, seed {args.seed}) to {out}")
+    out = write_tiny_checkpoint(args.out, args.preset, args.seed, args.arch, fp8=args.fp8)
+    kind = "FP8 " if args.fp8 else ""
+    print(f"wrote {args.preset} {kind}checkpoint ({args.arch}, seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from s1serve.checkpoint.quantize import parse_size, quantize_checkpoint
+
+    out = quantize_checkpoint(args.src, args.dst, parse_size(args.max_shard_size))
+    print(f"wrote the FP8 checkpoint of {args.src} to {out}")
     return 0
 
 
@@ -86,10 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny", help="write a random checkpoint in the published layout")
     tiny.add_argument("--out", required=True, help="folder to write")
-    tiny.add_argument("--preset", choices=("tiny", "bench"), default="tiny")
+    tiny.add_argument("--preset", choices=("tiny", "bench", "edge"), default="tiny")
     tiny.add_argument("--arch", choices=("interns1_pro", "qwen3_moe"), default="interns1_pro")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--fp8", action="store_true", help="write the published FP8 layout (as `quantize` would)")
     tiny.set_defaults(func=cmd_make_tiny)
+
+    quant = sub.add_parser("quantize", help="convert a BF16 checkpoint to the published FP8 (block 128, ue8m0) layout")
+    quant.add_argument("src", help="BF16 checkpoint folder")
+    quant.add_argument("dst", help="folder to write (must not exist, or be empty)")
+    quant.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 512MiB or bytes (default 5GB)")
+    quant.set_defaults(func=cmd_quantize)
 
     gen = sub.add_parser("generate", help="offline generation from a prompt")
     gen.add_argument("model", help="checkpoint folder")

@@ -301,27 +301,46 @@ def _parse_vision(data: dict[str, Any], where: str) -> VisionConfig:
     return cfg
 
 
+SUPPORTED_QUANT = "quant_method 'fp8' with fmt 'e4m3', weight_block_size [128, 128], activation_scheme 'dynamic'"
+
+
 def _parse_quant(data: Any, where: str) -> QuantConfig | None:
+    """The FP8 block format of the published checkpoint, and nothing else (awq, gptq, e5m2, mxfp4... are refused)."""
     if data is None:
         return None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: field 'quantization_config' must be an object")
     f = _Fields(data, f"{where} quantization_config")
+
+    def unsupported(field: str, value: Any) -> ConfigError:
+        return ConfigError(f"{where}: quantization_config.{field} {value!r} is not supported (supported: {SUPPORTED_QUANT})")
+
     method = f.str("quant_method")
     if method != "fp8":
-        raise ConfigError(f"{where}: quantization_config.quant_method '{method}' is not supported (only 'fp8')")
+        raise unsupported("quant_method", method)
+    fmt = f.str("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise unsupported("fmt", fmt)
     block = data.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise ConfigError(f"{where}: quantization_config.weight_block_size must be two positive ints, got {block!r}")
+    if block != [128, 128]:
+        raise unsupported("weight_block_size", block)
+    activation = f.str("activation_scheme", "dynamic")
+    if activation != "dynamic":
+        raise unsupported("activation_scheme", activation)
+    scale_fmt = f.optional("scale_fmt", str)
+    if scale_fmt not in (None, "ue8m0"):
+        raise ConfigError(f"{where}: quantization_config.scale_fmt {scale_fmt!r} is not supported (supported: 'ue8m0' or none)")
     skip = data.get("modules_to_not_convert") or []
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
         raise ConfigError(f"{where}: quantization_config.modules_to_not_convert must be a list of names")
     return QuantConfig(
         quant_method=method,
-        fmt=f.str("fmt", "e4m3"),
-        scale_fmt=f.optional("scale_fmt", str),
+        fmt=fmt,
+        scale_fmt=scale_fmt,
         weight_block_size=(block[0], block[1]),
-        activation_scheme=f.str("activation_scheme", "dynamic"),
+        activation_scheme=activation,
         modules_to_not_convert=tuple(skip),
     )
 

@@ -70,3 +70,69 @@ def test_serve_demo_writes_the_demo_checkpoint_and_serves_it(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_make_tiny_fp8_equals_make_tiny_then_quantize_byte_for_byte(tmp_path, tiny_checkpoint):
+    from s1serve.checkpoint.tiny import PRESETS
+    from s1serve.cli import main
+
+    shard = str(PRESETS["tiny"]["shard_bytes"])
+    assert main(["quantize", str(tiny_checkpoint), str(tmp_path / "quantized"), "--max-shard-size", shard]) == 0
+    assert main(["make-tiny", "--out", str(tmp_path / "direct"), "--fp8"]) == 0
+    files = sorted(p.name for p in (tmp_path / "direct").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "quantized").iterdir())
+    assert sum(name.endswith(".safetensors") for name in files) >= 2
+    for name in files:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "quantized" / name).read_bytes(), name
+
+
+def _tiny_config(d, arch="interns1_pro"):
+    from s1serve.checkpoint.tiny import tiny_config
+
+    (d / "config.json").write_text(json.dumps(tiny_config("tiny", arch)))
+
+
+def _non_float_expert(d):
+    import torch
+    from safetensors.torch import save_file
+
+    _tiny_config(d, "qwen3_moe")
+    save_file({"model.layers.0.mlp.experts.0.up_proj.weight": torch.ones(4, 4, dtype=torch.int8)}, str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "setup, dst_has_file, expected",
+    [
+        (None, False, "src: not a folder"),
+        (lambda d: d.mkdir(), False, "config.json: file not found"),
+        (lambda d: (d.mkdir(), (d / "config.json").write_text('{"model_type": "llama"}')), False, "model_type 'llama' is not supported"),
+        (lambda d: (d.mkdir(), _tiny_config(d)), False, "no model.safetensors.index.json or model.safetensors"),
+        ("tiny", False, "already quantised (it has a quantization_config)"),
+        ("tiny", True, "dst: destination exists and is not an empty folder"),
+        (lambda d: (d.mkdir(), _non_float_expert(d)), False, "'model.layers.0.mlp.experts.0.up_proj.weight' is torch.int8; only floating-point"),
+    ],
+)
+def test_quantize_bad_input_is_one_line_error(tmp_path, tiny_checkpoint, capsys, setup, dst_has_file, expected):
+    from s1serve.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    if setup == "tiny":
+        config = json.loads((tiny_checkpoint / "config.json").read_text())
+        if not dst_has_file:
+            config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        src.mkdir()
+        for path in tiny_checkpoint.iterdir():
+            (src / path.name).symlink_to(path)
+        (src / "config.json").unlink()
+        (src / "config.json").write_text(json.dumps(config))
+    elif setup is not None:
+        setup(src)
+    if dst_has_file:
+        dst.mkdir()
+        (dst / "x").write_text("")
+    assert main(["quantize", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert dst_has_file or not dst.exists(), "nothing is written on bad input"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

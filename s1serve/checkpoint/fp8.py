@@ -54,3 +54,25 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     Computed in float32 and rounded once to `dtype`, so with power-of-two scales the result is exact in bfloat16."""
     rows, cols = weight.shape[-2:]
     return (weight.float() * expand_scales(scale, rows, cols)).to(dtype)
+
+
+def quantize_blocks(weight: torch.Tensor, scale_fmt: str | None = "ue8m0") -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] (any float dtype) -> (float8_e4m3fn [N, K], float32 scales [ceil(N/128), ceil(K/128)]).
+
+    Each block's amax maps to at most 448. With ue8m0 the scale is rounded up to a power of two (computed exactly
+    with frexp, not log2, which can round an amax just above a power of two down onto it); an all-zero block gets
+    scale 1 so that no scale is 0 or inf."""
+    n, k = weight.shape
+    nb, kb = blocks(n), blocks(k)
+    padded = torch.nn.functional.pad(weight.float(), (0, kb * BLOCK - k, 0, nb * BLOCK - n))  # zeros: amax unchanged
+    tiles = padded.view(nb, BLOCK, kb, BLOCK)
+    amax = tiles.abs().amax(dim=(1, 3))
+    ratio = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        mantissa, exponent = torch.frexp(ratio)  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
+        scale = torch.ldexp(torch.ones_like(ratio), exponent - (mantissa == 0.5).int())
+    else:
+        scale = ratio
+    scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+    scaled = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(nb * BLOCK, kb * BLOCK)
+    return scaled[:n, :k].to(FP8_DTYPE).contiguous(), scale

@@ -5,6 +5,8 @@ is never held twice in memory. A sharded model asks for parts: a Target names th
 dimension of a checkpoint tensor, and only that slice is read (safetensors `get_slice`), so no rank ever holds a
 full copy of a tensor it splits. Tensors that other ranks load (experts of other EP ranks) are passed as
 `elsewhere`: they are neither read, nor required, nor refused as unexpected.
+The reader takes checkpoints as their writers name them (huggingface_hub names index and shards after the
+writer's filename_pattern; one file needs no index) and experts stored fused (fused_experts.py) as per-expert ones.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from s1serve.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX
+from s1serve.checkpoint.fused_experts import is_fused, virtual_experts
 from s1serve.errors import CheckpointError
+
+FP8_SAFETENSORS_DTYPE = "F8_E4M3"
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,29 +55,50 @@ class Target:
 
 
 class CheckpointReader:
-    """Name -> tensor access over the shards of one checkpoint folder."""
+    """Name -> tensor access over the shards of one checkpoint folder. Fused expert tensors are presented as the
+    per-expert tensors they hold (see fused_experts): `weight_map`, `names()`, `shape` and `get` know only those."""
 
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
         self._files: dict[str, object] = {}
         self._keys: dict[str, frozenset[str]] = {}  # per shard: `keys()` lists them all, so ask once
-        self.weight_map = self._read_weight_map()
+        self._stored = self._read_weight_map()  # name -> file, as stored (fused expert tensors included)
+        try:
+            self._virtual = virtual_experts({n: self._stored_shape(n) for n in self._stored if is_fused(n)})
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.model_dir}: {exc}") from None
+        twice = next((n for n in self._virtual if n in self._stored), None)
+        if twice is not None:
+            raise CheckpointError(f"{self.model_dir}: '{twice}' is stored both on its own and in a fused expert tensor")
+        self.weight_map = {n: f for n, f in self._stored.items() if not is_fused(n)}
+        self.weight_map.update({n: self._stored[part.source] for n, part in self._virtual.items()})
         self.bytes_read = 0  # tensor bytes read so far (parts count as the part)
 
+    def _find(self, default: str, pattern: str) -> Path | None:
+        """`default`, else the folder's one file matching `pattern`: huggingface_hub names shards and index after
+        the writer's filename_pattern, so other names are in the wild."""
+        if (self.model_dir / default).is_file():
+            return self.model_dir / default
+        found = sorted(self.model_dir.glob(pattern))
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise CheckpointError(f"{self.model_dir}: no {default} and several files to take for it ({names})")
+        return found[0] if found else None
+
     def _read_weight_map(self) -> dict[str, str]:
-        index = self.model_dir / INDEX_FILE
-        if index.is_file():
+        index = self._find(INDEX_FILE, "*.safetensors.index.json")
+        if index is not None:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
             for shard in sorted(set(weight_map.values())):
                 if not (self.model_dir / shard).is_file():
-                    raise CheckpointError(f"{self.model_dir / shard}: shard listed in {INDEX_FILE} is missing")
+                    raise CheckpointError(f"{self.model_dir / shard}: shard listed in {index.name} is missing")
             return weight_map
-        single = self.model_dir / SINGLE_FILE
-        if single.is_file():
-            return {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}
+        single = self._find(SINGLE_FILE, "*.safetensors")
+        if single is not None:
+            return {name: single.name for name in self._open(single.name).keys()}
         raise CheckpointError(f"{self.model_dir}: no {INDEX_FILE} or {SINGLE_FILE}")
 
     def _open(self, filename: str):
@@ -93,24 +120,38 @@ class CheckpointReader:
         return self.weight_map.keys()
 
     def _file_of(self, name: str):
-        filename = self.weight_map[name]
+        filename = self._stored[name]
         handle = self._open(filename)
         if name not in self._keys[filename]:
-            raise CheckpointError(f"{self.model_dir / self.weight_map[name]}: index lists '{name}' but the shard lacks it")
+            raise CheckpointError(f"{self.model_dir / filename}: index lists '{name}' but the shard lacks it")
         return handle
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file_of(name).get_slice(name).get_shape())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        part = self._virtual.get(name)
+        return part.shape if part is not None else self._stored_shape(name)
+
+    def dtype(self, name: str) -> str:
+        """The stored safetensors dtype ("BF16", "F8_E4M3", ...), read from the header only."""
+        part = self._virtual.get(name)
+        stored = part.source if part is not None else name
+        return self._file_of(stored).get_slice(stored).get_dtype()
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         """The whole tensor, or (with dim) only its part [start, stop) along dim."""
+        part = self._virtual.get(name)
+        stored = part.source if part is not None else name
         try:
-            if dim is None:
+            if part is not None:
+                tensor = part.read(self._file_of(stored).get_slice(stored), dim, start, stop)
+            elif dim is None:
                 tensor = self._file_of(name).get_tensor(name)
             else:
                 tensor = self._file_of(name).get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
         except SafetensorError as exc:
-            raise CheckpointError(f"{self.model_dir / self.weight_map[name]}: cannot read '{name}' ({exc})") from None
+            raise CheckpointError(f"{self.model_dir / self._stored[stored]}: cannot read '{stored}' ({exc})") from None
         self.bytes_read += tensor.nbytes
         return tensor
 
@@ -140,4 +181,22 @@ def load_into(targets: dict[str, Target], reader: CheckpointReader, elsewhere: C
                     f"{reader.model_dir / filename}: tensor '{name}' has shape {list(shape)}, "
                     f"expected {list(target.shape)}"
                 )
+            _check_dtype(reader, name, target, filename)
             target.dest.copy_(reader.get(name, target.dim, target.start, target.stop))
+
+
+def _check_dtype(reader: CheckpointReader, name: str, target: Target, filename: str) -> None:
+    """FP8 values go exactly where the config says FP8 weights are, and nowhere else (a copy would convert them
+    silently, without their scales)."""
+    stored = reader.dtype(name)
+    want_fp8 = target.dest.dtype == FP8_DTYPE
+    if want_fp8 and stored != FP8_SAFETENSORS_DTYPE:
+        raise CheckpointError(
+            f"{reader.model_dir / filename}: tensor '{name}' is stored as {stored}, but the config's "
+            f"quantization_config makes it an FP8 weight ({FP8_SAFETENSORS_DTYPE}, with '{name}{SCALE_SUFFIX}')"
+        )
+    if not want_fp8 and stored.startswith("F8"):
+        raise CheckpointError(
+            f"{reader.model_dir / filename}: tensor '{name}' is stored as {stored}, but the config does not quantise "
+            "it (no quantization_config, or the module is in modules_to_not_convert)"
+        )

@@ -3,7 +3,8 @@
 The config starts from the published config.json (architectures, model_type, rope_scaling, router_n_groups,
 token ids) with small dims substituted; tensors carry the published names and are sharded like the published
 checkpoint. Every tensor is drawn from a generator seeded by (seed, tensor name), so the output is deterministic
-whatever the shard plan, and scaled so that routing and attention are far from uniform.
+whatever the shard plan, and scaled so that routing and attention are far from uniform. With fp8 the quantisable
+tensors are quantised as they are drawn, exactly as `s1serve quantize` would.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from s1serve.assets import ASSETS_DIR, CHECKPOINT_SIDE_FILES
+from s1serve.checkpoint.quantize import fp8_unit, quantization_config
+from s1serve.checkpoint.stream import TensorInfo, Unit, write_sharded
 from s1serve.config import ModelConfig, parse_model_config
 from s1serve.layers.rotary import fope_coef_shape
 
@@ -45,6 +47,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision=dict(depth=2, hidden_size=256, intermediate_size=1024, num_heads=4, num_position_embeddings=256),
         shard_bytes=512 << 20,
     ),
+    # FP8 tests: dims above 128 and not multiples of it where the format allows (hidden 320 gives partial edge
+    # blocks), while every tp=2 split of q/k/v/o and the experts stays on 128 boundaries.
+    "edge": dict(
+        text=dict(
+            hidden_size=320, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+            intermediate_size=512, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=4,
+            router_n_groups=2,
+        ),
+        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=64),
+        shard_bytes=128 << 20,
+    ),
 }
 ARCHS = ("interns1_pro", "qwen3_moe")
 DTYPE = torch.bfloat16
@@ -54,11 +67,11 @@ DTYPE = torch.bfloat16
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    init: str  # "normal:<std>", "norm" (around 1), "fope" (identity plus noise), "zeros"
+    init: str  # "normal:<std>", "norm" (around 1), "fope" (identity plus noise)
 
     @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE.itemsize
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.name, DTYPE, self.shape)
 
 
 def tiny_config(preset: str, arch: str = "interns1_pro") -> dict[str, Any]:
@@ -182,34 +195,26 @@ def draw(spec: TensorSpec, seed: int) -> torch.Tensor:
     return out.to(DTYPE)
 
 
-def plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
-
-
-def write_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, arch: str = "interns1_pro") -> Path:
-    """Writes a complete checkpoint folder (weights, index, config, tokenizer, template) and returns its path."""
+def write_tiny_checkpoint(
+    out: str | Path, preset: str = "tiny", seed: int = 0, arch: str = "interns1_pro", fp8: bool = False
+) -> Path:
+    """Writes a complete checkpoint folder (weights, index, config, tokenizer, template) and returns its path; with
+    fp8, in the published FP8 layout."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(preset, arch)
-    cfg = parse_model_config(config, f"{preset} preset")
-    specs = tensor_specs(cfg)
-    shards = plan_shards(specs, PRESETS[preset]["shard_bytes"])
-    weight_map: dict[str, str] = {}
-    for index, shard in enumerate(shards, start=1):
-        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file({s.name: draw(s, seed) for s in shard}, str(out / filename), metadata={"format": "pt"})
-        weight_map.update({s.name: filename for s in shard})
-    index_doc = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+    specs = tensor_specs(parse_model_config(config, f"{preset} preset"))
+    units = [_unit(spec, seed, fp8) for spec in specs]
+    write_sharded(out, units, PRESETS[preset]["shard_bytes"])
+    if fp8:
+        config["quantization_config"] = quantization_config(spec.info for spec in specs)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name in CHECKPOINT_SIDE_FILES:
         shutil.copyfile(ASSETS_DIR / name, out / name)
     return out
+
+
+def _unit(spec: TensorSpec, seed: int, fp8: bool) -> Unit:
+    if fp8:
+        return fp8_unit(spec.info, lambda: draw(spec, seed), "make-tiny")
+    return Unit((spec.info,), lambda: (draw(spec, seed),))

@@ -73,7 +73,9 @@ class ModelRunner:
     needs_heartbeat = False
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int):
-        kernels.pack_weights(model)  # bf16 on a CPU with AVX512-BF16: the kernels' layout, from now on
+        # bf16 or FP8 weights, bf16 activations, a CPU with AVX512-BF16: the kernels' layout, from now on. The
+        # activations take the embedding's dtype (FP8 weights do not tell it).
+        kernels.pack_weights(model, model.embed_tokens.weight.dtype)
         param = next(model.parameters())
         self.model = model
         self.device = param.device

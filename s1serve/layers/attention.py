@@ -21,7 +21,7 @@ from torch import nn
 
 from s1serve.config import TextConfig
 from s1serve.distributed.context import ParallelContext
-from s1serve.layers.linear import ColumnParallelLinear, RowParallelLinear
+from s1serve.layers.linear import WeightFormats
 from s1serve.layers.norm import RMSNorm
 from s1serve.layers.rotary import apply_rotary
 
@@ -195,7 +195,8 @@ class Attention(nn.Module):
     o_proj sums the ranks' partial outputs. q_norm/k_norm act per head_dim and are replicated.
     """
 
-    def __init__(self, cfg: TextConfig, ctx: ParallelContext):
+    def __init__(self, cfg: TextConfig, ctx: ParallelContext, formats: WeightFormats, prefix: str):
+        """`prefix`: the checkpoint name of this module plus a dot (which formats ask about)."""
         super().__init__()
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
@@ -206,10 +207,10 @@ class Attention(nn.Module):
         d, hidden = self.head_dim, cfg.hidden_size
         q_rows = range(q_heads.start * d, q_heads.stop * d)
         kv_rows = range(kv_heads.start * d, kv_heads.stop * d)
-        self.q_proj = ColumnParallelLinear(hidden, cfg.num_attention_heads * d, ctx, rows=q_rows)
-        self.k_proj = ColumnParallelLinear(hidden, cfg.num_key_value_heads * d, ctx, rows=kv_rows)
-        self.v_proj = ColumnParallelLinear(hidden, cfg.num_key_value_heads * d, ctx, rows=kv_rows)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, hidden, ctx, cols=q_rows)
+        self.q_proj = formats.column(f"{prefix}q_proj", hidden, cfg.num_attention_heads * d, ctx, rows=q_rows)
+        self.k_proj = formats.column(f"{prefix}k_proj", hidden, cfg.num_key_value_heads * d, ctx, rows=kv_rows)
+        self.v_proj = formats.column(f"{prefix}v_proj", hidden, cfg.num_key_value_heads * d, ctx, rows=kv_rows)
+        self.o_proj = formats.row(f"{prefix}o_proj", cfg.num_attention_heads * d, hidden, ctx, cols=q_rows)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 

@@ -24,10 +24,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from s1serve.checkpoint import fp8
+from s1serve.checkpoint.loader import Target
 from s1serve.config import TextConfig
 from s1serve.distributed.context import ParallelContext, all_gather, all_reduce, reduce_scatter
 from s1serve.layers import kernels
-from s1serve.layers.linear import ColumnParallelLinear, RowParallelLinear
+from s1serve.layers.linear import WeightFormats, fp8_block_part
+
+PROJECTIONS = ("gate", "up", "down")
 
 
 def select_experts(
@@ -61,6 +65,7 @@ class SparseMoE(nn.Module):
     intermediate dimension held here (all of it under EP)."""
 
     packable_weights = ("gate.weight", "w13", "w2")
+    tensor_suffixes = ("weight",)  # of each expert projection's checkpoint tensors
 
     def __init__(self, cfg: TextConfig, ctx: ParallelContext):
         super().__init__()
@@ -78,10 +83,41 @@ class SparseMoE(nn.Module):
         else:
             self.intermediate_part = range(cfg.moe_intermediate_size)
         self.intermediate = len(self.intermediate_part)
+        self.hidden_size = cfg.hidden_size
+        self.moe_intermediate_size = cfg.moe_intermediate_size
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        local = len(self.experts)
-        self.w13 = nn.Parameter(torch.empty(local, 2 * self.intermediate, cfg.hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(local, cfg.hidden_size, self.intermediate), requires_grad=False)
+        self.allocate(len(self.experts), cfg.hidden_size)
+
+    def allocate(self, local: int, hidden: int) -> None:
+        self.w13 = nn.Parameter(torch.empty(local, 2 * self.intermediate, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local, hidden, self.intermediate), requires_grad=False)
+
+    def grouped(self, x: torch.Tensor, weight: str, ends: torch.Tensor) -> torch.Tensor:
+        """x's row segments times the local experts' `weight` ("w13" or "w2")."""
+        return kernels.grouped_linear(x, getattr(self, weight), ends)
+
+    def checkpoint_targets(self, prefix: str) -> dict[str, Target]:
+        """The per-expert checkpoint tensors of the experts held here (`prefix`: the layer's `...mlp.`), each into
+        its rows of w13 (gate rows, then up rows) or w2, sliced to the intermediate part held here."""
+        inter, part = self.intermediate, self.intermediate_part
+        up = (self.moe_intermediate_size, self.hidden_size)  # gate_proj and up_proj; down_proj transposed
+        targets: dict[str, Target] = {}
+        for local, j in enumerate(self.experts):
+            ep = f"{prefix}experts.{j}."
+            targets[ep + "gate_proj.weight"] = Target.part(self.w13[local, :inter], up, 0, part)
+            targets[ep + "up_proj.weight"] = Target.part(self.w13[local, inter:], up, 0, part)
+            targets[ep + "down_proj.weight"] = Target.part(self.w2[local], up[::-1], 1, part)
+        return targets
+
+    def checkpoint_names_elsewhere(self, prefix: str) -> set[str]:
+        """The checkpoint tensors of the experts other EP ranks hold."""
+        return {
+            f"{prefix}experts.{j}.{proj}_proj.{suffix}"
+            for j in range(self.num_experts)
+            if j not in self.experts
+            for proj in PROJECTIONS
+            for suffix in self.tensor_suffixes
+        }
 
     def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]. `token_counts`: every ep rank's T this step under DP attention (as
@@ -111,9 +147,9 @@ class SparseMoE(nn.Module):
         if local < self.num_experts:
             order = order[: int(ends[-1])]
         token_of_row = order // self.top_k
-        hidden = kernels.grouped_linear(x[token_of_row], self.w13, ends)
+        hidden = self.grouped(x[token_of_row], "w13", ends)
         hidden = F.silu(hidden[:, : self.intermediate]) * hidden[:, self.intermediate :]
-        out_rows = kernels.grouped_linear(hidden, self.w2, ends)
+        out_rows = self.grouped(hidden, "w2", ends)
         out_rows = out_rows * weights.flatten()[order].to(x.dtype)[:, None]
         return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)
 
@@ -130,6 +166,44 @@ class SparseMoE(nn.Module):
         x_all, ids_all, weights_all = _unpack_rows(all_gather(rows, size, group), layout)
         partial = self._local_experts(x_all, ids_all, weights_all)
         return reduce_scatter(partial, size, group)[: x.shape[0]]
+
+
+class Fp8SparseMoE(SparseMoE):
+    """SparseMoE with FP8 experts: w13 / w2 in float8_e4m3fn with segmented block scales (s1serve/checkpoint/fp8.py):
+    w13_scale_inv [E_local, 2, row blocks, column blocks] (gate blocks, then up blocks), w2_scale_inv
+    [E_local, 1, ., .]. Under tp each expert's intermediate part must own whole 128-blocks."""
+
+    packable_fp8_weights = (("w13", "w13_scale_inv"), ("w2", "w2_scale_inv"))
+    tensor_suffixes = ("weight", fp8.scale_name("weight"))
+
+    def allocate(self, local: int, hidden: int) -> None:
+        inter = self.intermediate
+        self.w13 = nn.Parameter(torch.empty(local, 2 * inter, hidden, dtype=fp8.FP8_DTYPE), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local, hidden, inter, dtype=fp8.FP8_DTYPE), requires_grad=False)
+        self.w13_scale_inv = nn.Parameter(
+            torch.empty(local, 2, *fp8.scale_shape((inter, hidden)), dtype=torch.float32), requires_grad=False
+        )
+        self.w2_scale_inv = nn.Parameter(
+            torch.empty(local, 1, *fp8.scale_shape((hidden, inter)), dtype=torch.float32), requires_grad=False
+        )
+
+    def grouped(self, x: torch.Tensor, weight: str, ends: torch.Tensor) -> torch.Tensor:
+        return kernels.fp8_grouped_linear(x, getattr(self, weight), getattr(self, f"{weight}_scale_inv"), ends)
+
+    def checkpoint_targets(self, prefix: str) -> dict[str, Target]:
+        targets = super().checkpoint_targets(prefix)
+        full = self.moe_intermediate_size
+        tp_size = full // self.intermediate
+        up_blocks = fp8.scale_shape((full, self.hidden_size))
+        for local, j in enumerate(self.experts):
+            ep = f"{prefix}experts.{j}."
+            blocks = fp8_block_part(self.intermediate_part, full, ep + "gate_proj.weight", 0, tp_size)
+            for segment, proj in enumerate(("gate", "up")):
+                dest = self.w13_scale_inv[local, segment]
+                targets[fp8.scale_name(f"{ep}{proj}_proj.weight")] = Target.part(dest, up_blocks, 0, blocks)
+            dest = self.w2_scale_inv[local, 0]
+            targets[fp8.scale_name(f"{ep}down_proj.weight")] = Target.part(dest, up_blocks[::-1], 1, blocks)
+        return targets
 
 
 def exchange_token_counts(num_tokens: int, ctx: ParallelContext, device: torch.device) -> list[int] | None:
@@ -159,11 +233,11 @@ def _unpack_rows(rows: torch.Tensor, layout: list[tuple[torch.dtype, int]]) -> l
 class DenseMLP(nn.Module):
     """SwiGLU MLP for layers listed in mlp_only_layers; the intermediate dimension is split over tp."""
 
-    def __init__(self, hidden: int, intermediate: int, ctx: ParallelContext):
+    def __init__(self, hidden: int, intermediate: int, ctx: ParallelContext, formats: WeightFormats, prefix: str):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(hidden, intermediate, ctx)
-        self.up_proj = ColumnParallelLinear(hidden, intermediate, ctx)
-        self.down_proj = RowParallelLinear(intermediate, hidden, ctx)
+        self.gate_proj = formats.column(f"{prefix}gate_proj", hidden, intermediate, ctx)
+        self.up_proj = formats.column(f"{prefix}up_proj", hidden, intermediate, ctx)
+        self.down_proj = formats.row(f"{prefix}down_proj", intermediate, hidden, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

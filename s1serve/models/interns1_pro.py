@@ -18,21 +18,37 @@ from torch import nn
 from s1serve.checkpoint.loader import Target
 from s1serve.config import ModelConfig, TextConfig
 from s1serve.distributed.context import ParallelContext
+from s1serve.errors import ConfigError
 from s1serve.layers.attention import Attention, AttentionBatch, KVCache, kv_head_range
-from s1serve.layers.linear import ParallelLMHead, ShardedWeight, VocabParallelEmbedding
-from s1serve.layers.moe import DenseMLP, SparseMoE, exchange_token_counts
+from s1serve.layers.linear import ParallelLMHead, ShardedWeight, VocabParallelEmbedding, WeightFormats
+from s1serve.layers.moe import PROJECTIONS, DenseMLP, Fp8SparseMoE, SparseMoE, exchange_token_counts
 from s1serve.layers.norm import RMSNorm
 from s1serve.layers.rotary import FourierEmbedding, build_position_encoding, fope_coef_shape
 
 
+def moe_class(cfg: TextConfig, formats: WeightFormats, prefix: str) -> type[SparseMoE]:
+    """Fp8SparseMoE when the checkpoint quantised the experts of the MoE at `prefix` (all of them or none)."""
+    kinds = {
+        formats.is_fp8(f"{prefix}experts.{j}.{proj}_proj") for j in range(cfg.num_experts) for proj in PROJECTIONS
+    }
+    if len(kinds) > 1:
+        raise ConfigError(f"quantization_config.modules_to_not_convert lists some experts of {prefix[:-1]} but not all: "
+                          "s1serve needs every expert of a layer in one format")
+    return Fp8SparseMoE if kinds == {True} else SparseMoE
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, index: int, ctx: ParallelContext):
+    def __init__(self, cfg: TextConfig, index: int, ctx: ParallelContext, formats: WeightFormats, prefix: str):
+        """`prefix`: this layer's checkpoint name plus a dot."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, ctx)
+        self.self_attn = Attention(cfg, ctx, formats, f"{prefix}self_attn.")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(index)
-        self.mlp = SparseMoE(cfg, ctx) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size, ctx)
+        if self.is_moe:
+            self.mlp = moe_class(cfg, formats, f"{prefix}mlp.")(cfg, ctx)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, ctx, formats, f"{prefix}mlp.")
 
     def forward(
         self,
@@ -58,7 +74,11 @@ class InternS1ProForCausalLM(nn.Module):
         self.num_local_kv_heads = len(kv_heads)  # the KV heads this rank's cache holds
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
         self.rotary_emb = build_position_encoding(cfg, kv_heads)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, parallel) for i in range(cfg.num_hidden_layers))
+        formats = WeightFormats(config.quantization)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, parallel, formats, f"{config.weight_prefix}layers.{i}.")
+            for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, parallel)
         for param in self.parameters():
@@ -95,42 +115,35 @@ class InternS1ProForCausalLM(nn.Module):
 
     def checkpoint_targets(self) -> dict[str, Target]:
         """Checkpoint tensor name -> where this rank puts it and which slice of it that is (the tensors this rank
-        needs; experts of other EP ranks are in checkpoint_names_elsewhere)."""
+        needs; experts of other EP ranks are in checkpoint_names_elsewhere). FP8 weights bring their scales."""
         cfg = self.config.text
         prefix = self.config.weight_prefix
-        sharded = {f"{name}.weight": m for name, m in self.named_modules() if isinstance(m, ShardedWeight)}
+        sharded = {f"{name}.": m for name, m in self.named_modules() if isinstance(m, ShardedWeight)}
+        moes = {f"{name}.": m for name, m in self.named_modules() if isinstance(m, SparseMoE)}
         fope_rows = isinstance(self.rotary_emb, FourierEmbedding) and self.rotary_emb.sep_head
         targets: dict[str, Target] = {}
         for name, param in self.named_parameters():
-            if name.endswith((".w13", ".w2")):
-                continue
+            owner, _, leaf = name.rpartition(".")
             checkpoint_name = name if name.startswith("lm_head.") else prefix + name
-            if name in sharded:
-                m = sharded[name]
-                targets[checkpoint_name] = Target.part(param, m.full_shape, m.split_dim, m.part)
+            if f"{owner}." in moes and leaf != "weight":  # the experts' stacks (the router is `gate.weight`)
+                continue
+            if f"{owner}." in sharded:
+                if leaf == "weight":
+                    targets.update(sharded[f"{owner}."].checkpoint_targets(checkpoint_name))
             elif fope_rows and name.startswith("rotary_emb."):
                 targets[checkpoint_name] = Target.part(param, fope_coef_shape(cfg), 0, self.rotary_emb.kv_heads)
             else:
                 targets[checkpoint_name] = Target.whole(param)
-        for i, layer in enumerate(self.layers):
-            if layer.is_moe:
-                moe, inter, part = layer.mlp, layer.mlp.intermediate, layer.mlp.intermediate_part
-                up = (cfg.moe_intermediate_size, cfg.hidden_size)  # gate_proj and up_proj; down_proj transposed
-                for local, j in enumerate(moe.experts):
-                    ep = f"{prefix}layers.{i}.mlp.experts.{j}."
-                    targets[ep + "gate_proj.weight"] = Target.part(moe.w13[local, :inter], up, 0, part)
-                    targets[ep + "up_proj.weight"] = Target.part(moe.w13[local, inter:], up, 0, part)
-                    targets[ep + "down_proj.weight"] = Target.part(moe.w2[local], up[::-1], 1, part)
+        for name, moe in moes.items():
+            targets.update(moe.checkpoint_targets(prefix + name))
         return targets
 
     def checkpoint_names_elsewhere(self) -> set[str]:
         """Checkpoint tensors that other EP ranks load (their experts): this rank neither reads nor refuses them."""
         prefix = self.config.weight_prefix
         return {
-            f"{prefix}layers.{i}.mlp.experts.{j}.{proj}_proj.weight"
-            for i, layer in enumerate(self.layers)
-            if layer.is_moe
-            for j in range(layer.mlp.num_experts)
-            if j not in layer.mlp.experts
-            for proj in ("gate", "up", "down")
+            tensor
+            for name, m in self.named_modules()
+            if isinstance(m, SparseMoE)
+            for tensor in m.checkpoint_names_elsewhere(f"{prefix}{name}.")
         }

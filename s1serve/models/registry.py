@@ -16,7 +16,7 @@ from torch import nn
 from s1serve.checkpoint.loader import CheckpointReader, load_into
 from s1serve.config import ModelConfig, load_model_config
 from s1serve.distributed.context import ParallelContext
-from s1serve.errors import CheckpointError, ConfigError
+from s1serve.errors import ConfigError
 from s1serve.models.interns1_pro import InternS1ProForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
@@ -55,6 +55,7 @@ def build_model(
     `device` unless that is meta."""
     with _default_dtype(resolve_dtype(dtype)), torch.device("meta"):
         model = MODEL_CLASSES[config.model_type](config, parallel)
+        model.checkpoint_targets()  # refuses, before any allocation, a shard that cuts through an FP8 block
     if torch.device(device).type != "meta":
         model = model.to_empty(device=device)
     return model.eval()
@@ -67,10 +68,6 @@ def load_model(
     parallel: ParallelContext = ParallelContext.single(),
 ) -> nn.Module:
     config = load_model_config(model_dir)
-    if config.quantization is not None:
-        raise CheckpointError(
-            f"{model_dir}: {config.quantization.quant_method} checkpoints are not supported yet; use the BF16 checkpoint"
-        )
     model = build_model(config, dtype, device, parallel)
     load_into(model.checkpoint_targets(), CheckpointReader(model_dir), model.checkpoint_names_elsewhere())
     return model

@@ -6,6 +6,8 @@ would have (groups unset).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +21,7 @@ from s1serve.checkpoint.loader import CheckpointReader, load_into
 from s1serve.checkpoint.tiny import DTYPE as CHECKPOINT_DTYPE
 from s1serve.config import load_model_config
 from s1serve.distributed.context import ParallelContext
-from s1serve.errors import CheckpointError
+from s1serve.errors import CheckpointError, ConfigError
 from s1serve.models.registry import build_model, load_model
 
 PREFIX = "model.language_model."
@@ -147,10 +149,15 @@ def test_uneven_splits_are_refused(tiny_checkpoint: Path, parallel: ParallelCont
 
 
 def test_full_size_shards_of_the_guide_shapes_on_meta():
-    cfg = load_model_config(ASSETS_DIR)
+    cfg = load_model_config(ASSETS_DIR)  # the published FP8 checkpoint's config
     t = cfg.text
-    # --tp 16: 4 query heads per rank, KV head 5 // 4 = 1 shared by ranks 4..7, experts split to 96-wide FFNs.
-    model = build_model(cfg, "bfloat16", "meta", tp(5, 16))
+    # --tp 16 on the BF16 copy: 4 query heads per rank, KV head 5 // 4 = 1 shared by ranks 4..7, experts split to
+    # 96-wide FFNs. The FP8 checkpoint refuses that split (96 cuts its 128-blocks) and asks for EP.
+    bf16 = dataclasses.replace(cfg, quantization=None)
+    with pytest.raises(ConfigError, match=r"experts\.0\.gate_proj\.weight': tp=16 splits dim 0 \(1536\) into parts "
+                       r"of 96, which cut through its 128x128 FP8 blocks; add expert parallelism \(--ep 16\)"):
+        build_model(cfg, "bfloat16", "meta", tp(5, 16))
+    model = build_model(bf16, "bfloat16", "meta", tp(5, 16))
     targets = model.checkpoint_targets()
     assert model.num_local_kv_heads == 1
     k_proj = targets[f"{PREFIX}layers.0.self_attn.k_proj.weight"]
@@ -164,4 +171,8 @@ def test_full_size_shards_of_the_guide_shapes_on_meta():
     assert tuple(model.layers[0].mlp.w13.shape) == (32, 2 * 1536, 4096)
     total = sum(p.numel() for p in model.parameters())
     assert 0.6e11 < total < 0.8e11, total  # ~9.2e11 / 16 experts' share + replicated attention/vocabulary
-    assert len(model.checkpoint_names_elsewhere()) == t.num_hidden_layers * (512 - 32) * 3
+    assert len(model.checkpoint_names_elsewhere()) == t.num_hidden_layers * (512 - 32) * 3 * 2  # weights, scales
+    # --tp 16 --ep 16 on FP8: attention split over 16, 32 whole FP8 experts per rank.
+    model = build_model(cfg, "bfloat16", "meta", ParallelContext(tp_rank=5, tp_size=16, ep_rank=5, ep_size=16))
+    assert model.layers[0].mlp.w13.dtype == torch.float8_e4m3fn
+    assert tuple(model.layers[0].mlp.w13_scale_inv.shape) == (32, 2, 12, 32)

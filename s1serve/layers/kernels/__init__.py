@@ -1,4 +1,5 @@
-"""Optional CPU kernels: bf16 matmuls with AVX512-BF16 (`bf16_matmul.cpp`), compiled on first use.
+"""Optional CPU kernels: bf16 matmuls with AVX512-BF16 (`bf16_matmul.cpp`), compiled on first use; FP8 weights with
+bf16 activations through the same kernel (`fp8.py`, re-exported here).
 
 Why by hand: for the few rows of a decode step oneDNN's bf16 GEMM reads weights at well under the memory bandwidth
 (`benchmarks/cpu_matmul.py` has the side-by-side figures). The kernel works on weights packed for it once, when a
@@ -28,12 +29,18 @@ ENV_SWITCH = "S1SERVE_CPU_KERNELS"
 BLOCK_N = 64  # output columns per packed block (bf16_matmul.cpp)
 
 
-def cpu_has_avx512_bf16() -> bool:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo); empty where they cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
+        return frozenset()
+
+
+def cpu_has_avx512_bf16() -> bool:
+    return "avx512_bf16" in cpu_flags()
 
 
 @functools.cache
@@ -80,18 +87,35 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     return blocks.transpose(-3, -2).contiguous()
 
 
-def pack_weights(model: nn.Module) -> None:
-    """Packs, in place, the weights that modules list in `packable_weights` (dotted names), where the kernel applies."""
+def pack_weights(model: nn.Module, activation_dtype: torch.dtype) -> None:
+    """Packs, in place, where the kernel applies, the weights that modules list in `packable_weights` (dotted names)
+    and the (weight, scale) pairs they list in `packable_fp8_weights` (FP8 packing depends on the activations' dtype,
+    which FP8 weights do not tell)."""
     for module in model.modules():
         for name in getattr(module, "packable_weights", ()):
-            owner_name, _, leaf = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
+            owner, leaf = _owner(module, name)
             weight = getattr(owner, leaf)
             if is_packed(weight):
                 continue
             layout = pack(weight.data)
             if layout is not None:
                 setattr(owner, leaf, nn.Parameter(layout, requires_grad=False))
+        for weight_name, scale_name in getattr(module, "packable_fp8_weights", ()):
+            weight_owner, weight_leaf = _owner(module, weight_name)
+            scale_owner, scale_leaf = _owner(module, scale_name)
+            weight = getattr(weight_owner, weight_leaf)
+            if is_fp8_packed(weight):
+                continue
+            layouts = pack_fp8(weight.data, getattr(scale_owner, scale_leaf).data, activation_dtype)
+            if layouts is not None:
+                setattr(weight_owner, weight_leaf, nn.Parameter(layouts[0], requires_grad=False))
+                setattr(scale_owner, scale_leaf, nn.Parameter(layouts[1], requires_grad=False))
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule holding the dotted attribute `name`, and the attribute's own name."""
+    owner_name, _, leaf = name.rpartition(".")
+    return (module.get_submodule(owner_name) if owner_name else module), leaf
 
 
 def is_packed(weight: torch.Tensor) -> bool:
@@ -132,3 +156,19 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
             out[start:end] = x[start:end] @ weight_t[expert]
         start = end
     return out
+
+
+# FP8 weights build on the above (the kernels, `_rows`), so they come last.
+from s1serve.layers.kernels.fp8 import (  # noqa: E402
+    cpu_has_avx512_vbmi,
+    fp8_grouped_linear,
+    fp8_kernels,
+    fp8_linear,
+    is_fp8_packed,
+    pack_fp8,
+)
+
+__all__ = [
+    "bf16_kernels", "cpu_flags", "cpu_has_avx512_bf16", "cpu_has_avx512_vbmi", "fp8_grouped_linear", "fp8_kernels",
+    "fp8_linear", "grouped_linear", "is_fp8_packed", "is_packed", "linear", "pack", "pack_fp8", "pack_weights",
+]

@@ -7,11 +7,18 @@
 //
 // Row-invariant by construction: every output is one float32 lane accumulated over the k pairs in order, whatever
 // M, the tiling or the threads; so a sequence's result never depends on what else is in the batch.
+//
+// FP8 weights (W8A16, the second half of this file) are decoded to exactly the bf16 values bf16(fp8 * scale) that
+// s1serve.checkpoint.fp8.dequantize gives, in registers, and then take the same vdpbf16ps steps in the same order:
+// their results are bitwise those of the bf16 kernel on the dequantized weight, at half the bytes read.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <array>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -84,19 +91,14 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& 
   });
 }
 
-template <typename Out>
-void grouped_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& ends, torch::Tensor& y) {
-  const int64_t R = x.size(0), K = x.size(1), E = w.size(0), blocks = w.size(1), N = blocks * BLOCK_N;
-  const bf16* xp = x.data_ptr<bf16>();
-  const bf16* wp = w.data_ptr<bf16>();
+// Runs fn(e, b, r0, r1), in parallel, for each column block b of each expert e that received rows r0..r1 of x.
+template <typename Fn>
+void for_expert_blocks(const torch::Tensor& ends, int64_t R, int64_t blocks, const Fn& fn) {
   const int64_t* endp = ends.data_ptr<int64_t>();
-  Out* yp = y.data_ptr<Out>();
-  const int64_t ldx = x.stride(0);
-  // Work items: (expert, block of columns) for the experts that received rows.
-  std::vector<int64_t> starts(E);
-  std::vector<std::pair<int64_t, int64_t>> items;
+  std::vector<std::pair<int64_t, int64_t>> items;  // (expert, block) for the experts that received rows
+  std::vector<int64_t> starts(ends.size(0));
   int64_t start = 0;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = 0; e < ends.size(0); ++e) {
     TORCH_CHECK(endp[e] >= start && endp[e] <= R, "ends must be non-decreasing and at most the row count");
     starts[e] = start;
     if (endp[e] > start)
@@ -104,12 +106,18 @@ void grouped_into(const torch::Tensor& x, const torch::Tensor& w, const torch::T
     start = endp[e];
   }
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const auto [e, b] = items[i];
-      const int64_t r0 = starts[e];
-      rows_times_block(xp + r0 * ldx, endp[e] - r0, ldx, wp + (e * blocks + b) * BLOCK_N * K, K,
-                       yp + r0 * N + b * BLOCK_N, N);
-    }
+    for (int64_t i = i0; i < i1; ++i) fn(items[i].first, items[i].second, starts[items[i].first], endp[items[i].first]);
+  });
+}
+
+template <typename Out>
+void grouped_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& ends, torch::Tensor& y) {
+  const int64_t K = x.size(1), blocks = w.size(1), N = blocks * BLOCK_N, ldx = x.stride(0);
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = w.data_ptr<bf16>();
+  Out* yp = y.data_ptr<Out>();
+  for_expert_blocks(ends, x.size(0), blocks, [&](int64_t e, int64_t b, int64_t r0, int64_t r1) {
+    rows_times_block(xp + r0 * ldx, r1 - r0, ldx, wp + (e * blocks + b) * BLOCK_N * K, K, yp + r0 * N + b * BLOCK_N, N);
   });
 }
 
@@ -141,7 +149,213 @@ torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor end
   return y;
 }
 
+// ---- FP8 weights (float8_e4m3fn, one float32 scale per 64 columns x 128 k), bf16 activations ----
+//
+// A weight [N, K] is packed (kernels.pack_fp8) as bytes [N/64, K/2, 128]: the bf16 layout's 128 values of a k pair,
+// reordered so that the byte interleave below lands each decoded value in its bf16-layout lane. Its scales are packed
+// as [N/64, ceil(K/128)]. Decoding needs AVX512-VBMI (vpermi2b), so this part is compiled for it and only called
+// where the CPU has it (checked in Python).
+#pragma GCC push_options
+#pragma GCC target("avx512vbmi")
+
+namespace {
+
+constexpr int64_t BLOCK_K = 128;  // k per scale block: 64 pairs share one lookup table
+constexpr int FUSED_ROWS = 4;     // rows per tile that decodes in registers (registers: 16 sums, 4 tables, weights)
+constexpr int64_t DECODE_ONCE_ROWS = 48;  // more rows than this decode each block once into a bf16 buffer
+
+// The float values of the 128 fp8 magnitudes (code & 0x7f; 0x7f is NaN).
+const float* fp8_magnitudes() {
+  static const std::array<float, 128> table = [] {
+    std::array<float, 128> t{};
+    for (int m = 0; m < 128; ++m) t[m] = static_cast<float>(c10::Float8_e4m3fn(m, c10::Float8_e4m3fn::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+
+// bf16(magnitude * scale) for the 128 magnitudes, split into low and high bytes, 64 magnitudes per register: the
+// operands of the vpermi2b lookups.
+struct Lut {
+  __m512i lo0, lo1, hi0, hi1;
+};
+
+// Rounds as dequantize does: the float32 product, to nearest even (c10's rounding), NaN to a quiet NaN.
+inline Lut make_lut(float scale) {
+  static const __m512i gather = [] {  // bytes 2 (low) then 3 (high) of 32 dwords: [32 low bytes | 32 high bytes]
+    alignas(64) uint8_t idx[64];
+    for (int i = 0; i < 32; ++i) idx[i] = 4 * i + 2, idx[32 + i] = 4 * i + 3;
+    return _mm512_load_si512(idx);
+  }();
+  const float* mags = fp8_magnitudes();
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512i rounded[8];
+  for (int q = 0; q < 8; ++q) {
+    const __m512 f = _mm512_mul_ps(_mm512_loadu_ps(mags + 16 * q), s);
+    const __m512i bits = _mm512_castps_si512(f);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                          _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
+    rounded[q] = _mm512_mask_mov_epi32(_mm512_set1_epi32(0x7fc00000), _mm512_cmp_ps_mask(f, f, _CMP_ORD_Q),
+                                       _mm512_add_epi32(bits, bias));
+  }
+  __m512i part[4];  // part[a]: [low bytes | high bytes] of magnitudes 32a..32a+31
+  for (int a = 0; a < 4; ++a) part[a] = _mm512_permutex2var_epi8(rounded[2 * a], gather, rounded[2 * a + 1]);
+  return {_mm512_shuffle_i64x2(part[0], part[1], 0x44), _mm512_shuffle_i64x2(part[2], part[3], 0x44),
+          _mm512_shuffle_i64x2(part[0], part[1], 0xee), _mm512_shuffle_i64x2(part[2], part[3], 0xee)};
+}
+
+// 64 fp8 bytes -> 64 bf16 values: bf16(|v| * scale) looked up by the low 7 bits, v's sign xor-ed into the high
+// byte (so a negative scale flips it as the product does), then low/high bytes interleaved into words per 128-bit lane.
+inline void decode(__m512i v, const Lut& t, __m512bh& first, __m512bh& second) {
+  const __m512i lo = _mm512_permutex2var_epi8(t.lo0, v, t.lo1);
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.hi0, v, t.hi1), v,
+                                               _mm512_set1_epi8(static_cast<char>(0x80)), 0x78);  // a ^ (b & c)
+  first = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+  second = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+}
+
+// The MB x 64 tile of rows x times one packed fp8 block, decoding in registers: tile's steps, in tile's order.
+template <int MB, typename Out>
+void fp8_tile(const bf16* x, int64_t ldx, const uint8_t* w, const float* scales, int64_t K, Out* y, int64_t ldy) {
+  __m512 acc[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t p = 0, kb = 0; p < K / 2; ++kb) {
+    const Lut t = make_lut(scales[kb]);
+    for (const int64_t end = std::min(K / 2, p + BLOCK_K / 2); p < end; ++p) {
+      __m512bh xb[MB];
+      for (int i = 0; i < MB; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, x + i * ldx + 2 * p, sizeof(pair));
+        xb[i] = (__m512bh)_mm512_set1_epi32(pair);
+      }
+      for (int h = 0; h < 2; ++h) {
+        __m512bh w0, w1;
+        decode(_mm512_loadu_si512(w + p * 2 * BLOCK_N + 64 * h), t, w0, w1);
+        for (int i = 0; i < MB; ++i) {
+          acc[i][2 * h] = _mm512_dpbf16_ps(acc[i][2 * h], xb[i], w0);
+          acc[i][2 * h + 1] = _mm512_dpbf16_ps(acc[i][2 * h + 1], xb[i], w1);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) store16(y + i * ldy + 16 * j, acc[i][j]);
+}
+
+// One packed fp8 block decoded into the bf16 layout [K/2, 64, 2] (this thread's buffer, reused across calls).
+const bf16* decode_block(const uint8_t* w, const float* scales, int64_t K) {
+  thread_local std::vector<bf16> buffer;
+  if (static_cast<int64_t>(buffer.size()) < K * BLOCK_N) buffer.resize(K * BLOCK_N);
+  bf16* out = buffer.data();
+  for (int64_t p = 0, kb = 0; p < K / 2; ++kb) {
+    const Lut t = make_lut(scales[kb]);
+    for (const int64_t end = std::min(K / 2, p + BLOCK_K / 2); p < end; ++p)
+      for (int h = 0; h < 2; ++h) {
+        __m512bh w0, w1;
+        decode(_mm512_loadu_si512(w + p * 2 * BLOCK_N + 64 * h), t, w0, w1);
+        _mm512_storeu_si512(out + p * 2 * BLOCK_N + 64 * h, (__m512i)w0);
+        _mm512_storeu_si512(out + p * 2 * BLOCK_N + 64 * h + 32, (__m512i)w1);
+      }
+  }
+  return out;
+}
+
+// The 64 columns of one packed fp8 block for all M rows of x. Decoding in registers costs each tile of rows a
+// little; decoding into a buffer (written, then read from cache) costs more, but once: it wins past DECODE_ONCE_ROWS.
+template <typename Out>
+void fp8_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const uint8_t* w, const float* scales, int64_t K,
+                          Out* y, int64_t ldy) {
+  if (M > DECODE_ONCE_ROWS) {
+    rows_times_block(x, M, ldx, decode_block(w, scales, K), K, y, ldy);
+    return;
+  }
+  static_assert(FUSED_ROWS == 4, "one case per remaining row count");
+  int64_t m = 0;
+  for (; m + FUSED_ROWS <= M; m += FUSED_ROWS) fp8_tile<FUSED_ROWS>(x + m * ldx, ldx, w, scales, K, y + m * ldy, ldy);
+  switch (M - m) {
+    case 3: fp8_tile<3>(x + m * ldx, ldx, w, scales, K, y + m * ldy, ldy); break;
+    case 2: fp8_tile<2>(x + m * ldx, ldx, w, scales, K, y + m * ldy, ldy); break;
+    case 1: fp8_tile<1>(x + m * ldx, ldx, w, scales, K, y + m * ldy, ldy); break;
+    default: break;
+  }
+}
+
+void check_fp8(const torch::Tensor& w, const torch::Tensor& scales, int64_t lead) {
+  TORCH_CHECK(w.dim() == lead + 3 && w.scalar_type() == at::kByte && w.size(-1) == 2 * BLOCK_N && w.is_contiguous(),
+              "w must be a packed fp8 weight");
+  const int64_t K = 2 * w.size(-2);
+  TORCH_CHECK(scales.dim() == lead + 2 && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.size(-2) == w.size(-3) && scales.size(-1) == (K + BLOCK_K - 1) / BLOCK_K &&
+                  (lead == 0 || scales.size(0) == w.size(0)),
+              "scales must be the packed [..., N/64, ceil(K/128)] float32 scales of w");
+}
+
+}  // namespace
+
+template <typename Out>
+void fp8_linear_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales, torch::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), N = blocks * BLOCK_N, kb = scales.size(1);
+  const bf16* xp = x.data_ptr<bf16>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  Out* yp = y.data_ptr<Out>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      fp8_rows_times_block(xp, M, x.stride(0), wp + b * BLOCK_N * K, sp + b * kb, K, yp + b * BLOCK_N, N);
+  });
+}
+
+template <typename Out>
+void fp8_grouped_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                      const torch::Tensor& ends, torch::Tensor& y) {
+  const int64_t K = x.size(1), blocks = w.size(1), N = blocks * BLOCK_N, kb = scales.size(2), ldx = x.stride(0);
+  const bf16* xp = x.data_ptr<bf16>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  Out* yp = y.data_ptr<Out>();
+  for_expert_blocks(ends, x.size(0), blocks, [&](int64_t e, int64_t b, int64_t r0, int64_t r1) {
+    const int64_t block = e * blocks + b;
+    fp8_rows_times_block(xp + r0 * ldx, r1 - r0, ldx, wp + block * BLOCK_N * K, sp + block * kb, K,
+                         yp + r0 * N + b * BLOCK_N, N);
+  });
+}
+
+// x [M, K] bf16, w packed fp8 [N/64, K/2, 128] with scales [N/64, ceil(K/128)] -> [M, N] in bf16 or float32.
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, bool bf16_out) {
+  check_fp8(w, scales, 0);
+  const int64_t M = x.size(0), K = 2 * w.size(1), N = w.size(0) * BLOCK_N;
+  check_x(x, K);
+  auto y = torch::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  if (bf16_out)
+    fp8_linear_into<bf16>(x, w, scales, y);
+  else
+    fp8_linear_into<float>(x, w, scales, y);
+  return y;
+}
+
+// Rows ends[e-1]..ends[e] of x times expert e: x [R, K] bf16, w packed fp8 [E, N/64, K/2, 128], scales
+// [E, N/64, ceil(K/128)], ends [E] int64 -> [R, N] in bf16 or float32.
+torch::Tensor fp8_grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor ends,
+                                 bool bf16_out) {
+  check_fp8(w, scales, 1);
+  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == w.size(0) && ends.scalar_type() == at::kLong,
+              "ends must be [E] int64");
+  const int64_t R = x.size(0), K = 2 * w.size(2), N = w.size(1) * BLOCK_N;
+  check_x(x, K);
+  auto y = torch::empty({R, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  if (bf16_out)
+    fp8_grouped_into<bf16>(x, w, scales, ends, y);
+  else
+    fp8_grouped_into<float>(x, w, scales, ends, y);
+  return y;
+}
+
+#pragma GCC pop_options
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x [M, K] bf16 times a packed [N, K] weight -> [M, N] bf16 or float32");
   m.def("grouped_linear", &grouped_linear, "row segments of x times their packed experts -> bf16 or float32");
+  m.def("fp8_linear", &fp8_linear, "x [M, K] bf16 times a packed fp8 [N, K] weight -> [M, N] (needs AVX512-VBMI)");
+  m.def("fp8_grouped_linear", &fp8_grouped_linear, "row segments of x times their packed fp8 experts (AVX512-VBMI)");
 }
