@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fp8_testing import read_tensors
 from safetensors import safe_open
 
 from s1serve.assets import ASSETS_DIR
@@ -20,14 +21,6 @@ from s1serve.checkpoint.tiny import tensor_specs, tiny_config
 from s1serve.config import load_model_config, parse_model_config
 
 PUBLISHED = json.loads((ASSETS_DIR / "config.json").read_text())["quantization_config"]
-
-
-def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 def assert_within_fp8_rounding(weight: torch.Tensor, fp8: torch.Tensor, scale: torch.Tensor, slack: float = 1.0):
@@ -164,7 +157,7 @@ def test_quantized_checkpoint_layout(tiny_checkpoint, quantized):
         with safe_open(str(quantized / shard), framework="pt") as f:
             stored.update({name: shard for name in f.keys()})
     assert stored == index["weight_map"]
-    got, src = read_all(quantized), read_all(tiny_checkpoint)
+    got, src = read_tensors(quantized), read_tensors(tiny_checkpoint)
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in got.values())
     for name, tensor in src.items():
         if name in quantised:
@@ -194,7 +187,7 @@ def test_a_single_model_safetensors_source_and_the_qwen3_moe_layout(tmp_path):
     tensors = {"model.layers.0.self_attn.q_proj.weight": w, "model.layers.0.mlp.gate.weight": w[:16].clone(), "model.norm.weight": w[0].clone()}
     save_file(tensors, str(src / "model.safetensors"))
     out = quantize_checkpoint(src, tmp_path / "dst")
-    got = read_all(out)
+    got = read_tensors(out)
     assert set(got) == {*tensors, "model.layers.0.self_attn.q_proj.weight_scale_inv"}
     assert got["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
     written = json.loads((out / "config.json").read_text())
