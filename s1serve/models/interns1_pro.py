@@ -118,24 +118,23 @@ class InternS1ProForCausalLM(nn.Module):
         needs; experts of other EP ranks are in checkpoint_names_elsewhere). FP8 weights bring their scales."""
         cfg = self.config.text
         prefix = self.config.weight_prefix
-        sharded = {f"{name}.": m for name, m in self.named_modules() if isinstance(m, ShardedWeight)}
-        moes = {f"{name}.": m for name, m in self.named_modules() if isinstance(m, SparseMoE)}
+        sharded = {name: m for name, m in self.named_modules() if isinstance(m, ShardedWeight)}
+        moes = {name: m for name, m in self.named_modules() if isinstance(m, SparseMoE)}
         fope_rows = isinstance(self.rotary_emb, FourierEmbedding) and self.rotary_emb.sep_head
         targets: dict[str, Target] = {}
         for name, param in self.named_parameters():
             owner, _, leaf = name.rpartition(".")
             checkpoint_name = name if name.startswith("lm_head.") else prefix + name
-            if f"{owner}." in moes and leaf != "weight":  # the experts' stacks (the router is `gate.weight`)
-                continue
-            if f"{owner}." in sharded:
-                if leaf == "weight":
-                    targets.update(sharded[f"{owner}."].checkpoint_targets(checkpoint_name))
+            if owner in moes or (owner in sharded and leaf != "weight"):
+                continue  # expert stacks and FP8 scales: their modules name the tensors they read (below)
+            if owner in sharded:
+                targets.update(sharded[owner].checkpoint_targets(checkpoint_name))
             elif fope_rows and name.startswith("rotary_emb."):
                 targets[checkpoint_name] = Target.part(param, fope_coef_shape(cfg), 0, self.rotary_emb.kv_heads)
             else:
                 targets[checkpoint_name] = Target.whole(param)
         for name, moe in moes.items():
-            targets.update(moe.checkpoint_targets(prefix + name))
+            targets.update(moe.checkpoint_targets(f"{prefix}{name}."))
         return targets
 
     def checkpoint_names_elsewhere(self) -> set[str]:

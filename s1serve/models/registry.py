@@ -55,7 +55,8 @@ def build_model(
     `device` unless that is meta."""
     with _default_dtype(resolve_dtype(dtype)), torch.device("meta"):
         model = MODEL_CLASSES[config.model_type](config, parallel)
-        model.checkpoint_targets()  # refuses, before any allocation, a shard that cuts through an FP8 block
+        if config.quantization is not None:
+            model.checkpoint_targets()  # refuses, before any allocation, a shard that cuts through an FP8 block
     if torch.device(device).type != "meta":
         model = model.to_empty(device=device)
     return model.eval()
