@@ -51,9 +51,9 @@ from torch.nn import functional as F  # noqa: E402
 
 from s1serve.checkpoint.tiny import PRESETS  # noqa: E402
 from s1serve.config import TextConfig  # noqa: E402
-from s1serve.distributed.context import ParallelContext  # noqa: E402
 from s1serve.layers.kernels import grouped_linear  # noqa: E402
 from s1serve.layers.moe import SparseMoE, exchange_token_counts, select_experts  # noqa: E402
+from s1serve.parallel.context import ParallelContext  # noqa: E402
 
 WORLD = 2
 

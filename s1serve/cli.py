@@ -10,9 +10,9 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from s1serve.distributed.config import ParallelConfig, add_parallel_args
 from s1serve.engine.config import EngineConfig, add_engine_args
 from s1serve.errors import S1ServeError
+from s1serve.parallel.config import ParallelConfig, add_parallel_args
 from s1serve.serve.openai.arguments import add_api_server_arguments
 from s1serve.serve.proxy.config import add_proxy_parser
 

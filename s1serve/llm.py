@@ -16,10 +16,10 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from s1serve.distributed.config import ParallelConfig
 from s1serve.engine.config import EngineConfig
 from s1serve.engine.engine import Engine
 from s1serve.engine.outputs import CompletionOutput, RequestOutput
+from s1serve.parallel.config import ParallelConfig
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
 Message = dict[str, Any]

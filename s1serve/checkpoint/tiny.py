@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from s1serve.assets import ASSETS_DIR, CHECKPOINT_SIDE_FILES
+from s1serve.checkpoint.fope import fope_coef_shape
 from s1serve.checkpoint.quantize import fp8_unit, quantization_config
 from s1serve.checkpoint.stream import TensorInfo, Unit, write_sharded
 from s1serve.config import ModelConfig, parse_model_config
-from s1serve.layers.rotary import fope_coef_shape
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Keeps CI fast: a few MB of decoder weights, plus the real-vocab embedding and lm_head.

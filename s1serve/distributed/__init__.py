@@ -1,7 +1,5 @@
 """Parallelism across processes and nodes: TP and EP under one engine, DP ranks each with their own.
 
-- config.py: ParallelConfig, the allowed shapes and their flags.
-- context.py: ParallelContext, what a rank's layers split and over which group.
 - groups.py: joining the torch.distributed world (gloo on CPU, NCCL on CUDA, a gloo control group).
 - worker.py: what every rank runs to start (load its shard, agree on the KV cache) and a follower's step loop.
 - executor.py: create_runner: a ModelRunner, a DistributedRunner (rank 0 of TP/EP, broadcasting each step) or a

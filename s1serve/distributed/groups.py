@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from s1serve.distributed.config import ParallelConfig
-from s1serve.distributed.context import ParallelContext
+from s1serve.parallel.config import ParallelConfig
+from s1serve.parallel.context import ParallelContext
 
 TIMEOUT_ENV = "S1SERVE_DIST_TIMEOUT"
 

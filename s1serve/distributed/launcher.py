@@ -33,10 +33,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from s1serve.distributed.config import ParallelConfig
 from s1serve.distributed.groups import free_loopback_address
 from s1serve.distributed.worker import RankSpec, configure_logging, die_with_parent, run_worker
 from s1serve.engine.config import EngineConfig
+from s1serve.parallel.config import ParallelConfig
 
 log = logging.getLogger("s1serve.launcher")
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from s1serve.distributed.config import ParallelConfig
 from s1serve.distributed.launcher import STOP_TIMEOUT_S, FailureSignal, WorkerDied
 from s1serve.distributed.worker import RankSpec, configure_logging, follow_rank
 from s1serve.engine.config import EngineConfig
 from s1serve.errors import S1ServeError
+from s1serve.parallel.config import ParallelConfig
 
 log = logging.getLogger("s1serve.ray")
 

@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from s1serve.distributed.config import ParallelConfig
 from s1serve.distributed.groups import World, close_distributed, init_distributed
 from s1serve.engine.config import EngineConfig
 from s1serve.engine.model_runner import ModelRunner, kv_blocks_for
 from s1serve.errors import S1ServeError
+from s1serve.parallel.config import ParallelConfig
 
 log = logging.getLogger("s1serve.worker")
 

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from s1serve.config import GenerationDefaults, load_generation_defaults
-from s1serve.distributed.config import ParallelConfig
 from s1serve.engine.block_manager import BlockManager
 from s1serve.engine.config import EngineConfig, flag
 from s1serve.engine.model_runner import ModelRunner, Runner, StepSequence, kv_blocks_for
@@ -32,6 +31,7 @@ from s1serve.engine.scheduler import Scheduler
 from s1serve.engine.structured_output import GrammarCompiler, apply_mask
 from s1serve.engine.text_output import TextOutput, TokenizerDetokenizer
 from s1serve.layers.sampler import Sampler, TokenLogprob
+from s1serve.parallel.config import ParallelConfig
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
 

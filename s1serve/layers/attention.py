@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from s1serve.config import TextConfig
-from s1serve.distributed.context import ParallelContext
 from s1serve.layers.linear import WeightFormats
 from s1serve.layers.norm import RMSNorm
 from s1serve.layers.rotary import apply_rotary
+from s1serve.parallel.context import ParallelContext
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

@@ -32,9 +32,9 @@ from torch.nn import functional as F
 from s1serve.checkpoint import fp8
 from s1serve.checkpoint.loader import Target
 from s1serve.config import QuantConfig
-from s1serve.distributed.context import ParallelContext, all_gather, all_reduce
 from s1serve.errors import ConfigError
 from s1serve.layers import kernels
+from s1serve.parallel.context import ParallelContext, all_gather, all_reduce
 
 
 class ShardedWeight(nn.Module):

@@ -27,9 +27,9 @@ from torch.nn import functional as F
 from s1serve.checkpoint import fp8
 from s1serve.checkpoint.loader import Target
 from s1serve.config import TextConfig
-from s1serve.distributed.context import ParallelContext, all_gather, all_reduce, reduce_scatter
 from s1serve.layers import kernels
 from s1serve.layers.linear import WeightFormats, fp8_block_part
+from s1serve.parallel.context import ParallelContext, all_gather, all_reduce, reduce_scatter
 
 PROJECTIONS = ("gate", "up", "down")
 

@@ -15,15 +15,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from s1serve.checkpoint.fope import fope_coef_shape
 from s1serve.checkpoint.loader import Target
 from s1serve.config import ModelConfig, TextConfig
-from s1serve.distributed.context import ParallelContext
 from s1serve.errors import ConfigError
 from s1serve.layers.attention import Attention, AttentionBatch, KVCache, kv_head_range
 from s1serve.layers.linear import ParallelLMHead, ShardedWeight, VocabParallelEmbedding, WeightFormats
 from s1serve.layers.moe import PROJECTIONS, DenseMLP, Fp8SparseMoE, SparseMoE, exchange_token_counts
 from s1serve.layers.norm import RMSNorm
-from s1serve.layers.rotary import FourierEmbedding, build_position_encoding, fope_coef_shape
+from s1serve.layers.rotary import FourierEmbedding, build_position_encoding
+from s1serve.parallel.context import ParallelContext
 
 
 def moe_class(cfg: TextConfig, formats: WeightFormats, prefix: str) -> type[SparseMoE]:

@@ -15,9 +15,9 @@ from torch import nn
 
 from s1serve.checkpoint.loader import CheckpointReader, load_into
 from s1serve.config import ModelConfig, load_model_config
-from s1serve.distributed.context import ParallelContext
 from s1serve.errors import ConfigError
 from s1serve.models.interns1_pro import InternS1ProForCausalLM
+from s1serve.parallel.context import ParallelContext
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "interns1_pro": InternS1ProForCausalLM,

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from s1serve.checkpoint.loader import CheckpointReader, load_into
 from s1serve.config import load_model_config
-from s1serve.distributed.context import ParallelContext
 from s1serve.errors import CheckpointError
 from s1serve.models.registry import build_model
+from s1serve.parallel.context import ParallelContext
 
 GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "fixtures/model/golden_tiny_seed0.json").read_text())
 PREFIX = "model.language_model."

@@ -5,9 +5,9 @@ import pytest
 from safetensors import safe_open
 
 from s1serve.assets import CHECKPOINT_SIDE_FILES
+from s1serve.checkpoint.fope import fope_frequencies
 from s1serve.checkpoint.tiny import write_tiny_checkpoint
 from s1serve.config import load_model_config
-from s1serve.layers.rotary import fope_frequencies
 
 
 def _digest(folder):

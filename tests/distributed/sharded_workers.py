@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from s1serve.distributed.context import ParallelContext
 from s1serve.engine.model_runner import ModelRunner, StepSequence
 from s1serve.models.registry import load_model
+from s1serve.parallel.context import ParallelContext
 
 BLOCK_SIZE = 16
 WORLD_TIMEOUT_S = 60

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from s1serve.cli import main
-from s1serve.distributed.config import ParallelConfig
+from s1serve.parallel.config import ParallelConfig
 
 
 @pytest.mark.parametrize(

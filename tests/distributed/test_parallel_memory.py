@@ -45,9 +45,9 @@ print(json.dumps(LoadReport(0, params, expert_bytes(model), before, peak_rss()).
 """
 LOAD_EP2 = """
 import json, sys
-from s1serve.distributed.config import ParallelConfig
 from s1serve.engine.config import EngineConfig
 from s1serve.engine.engine import Engine
+from s1serve.parallel.config import ParallelConfig
 
 engine = Engine.from_checkpoint(sys.argv[1], "bfloat16", "cpu", EngineConfig(num_kv_blocks=4),
                                 parallel=ParallelConfig(ep=2))

@@ -21,9 +21,9 @@ from s1serve.checkpoint.loader import CheckpointReader, load_into
 from s1serve.checkpoint.tiny import DTYPE as CHECKPOINT_DTYPE
 from s1serve.checkpoint.tiny import write_tiny_checkpoint
 from s1serve.config import load_model_config
-from s1serve.distributed.context import ParallelContext
 from s1serve.errors import CheckpointError, ConfigError
 from s1serve.models.registry import build_model, load_model
+from s1serve.parallel.context import ParallelContext
 
 PREFIX = "model.language_model."
 EXPERT = f"{PREFIX}layers.1.mlp.experts.3.up_proj.weight"  # owned by rank 0 of ep=2 (experts 0..7 of 16)

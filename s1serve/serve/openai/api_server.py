@@ -18,11 +18,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from s1serve.distributed.config import ParallelConfig
 from s1serve.distributed.launcher import FAILURE_GRACE_S, run_dp_servers, run_headless
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
 from s1serve.engine.config import EngineConfig
 from s1serve.engine.engine import Engine
+from s1serve.parallel.config import ParallelConfig
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from s1serve.distributed.config import add_parallel_args
 from s1serve.engine.config import add_engine_args
+from s1serve.parallel.config import add_parallel_args
 from s1serve.serve.parsers.registry import REASONING_PARSER_NAMES, TOOL_CALL_PARSER_NAMES
 
 
