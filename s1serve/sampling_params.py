@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from s1serve.config import GenerationDefaults
-from s1serve.engine.structured_output import Constraint
+from s1serve.constraints import Constraint
 
 MAX_LOGPROBS = 20  # the OpenAI API's cap on top_logprobs
 

@@ -24,11 +24,11 @@ from torch import nn
 from s1serve.config import GenerationDefaults, load_generation_defaults
 from s1serve.engine.block_manager import BlockManager
 from s1serve.engine.config import EngineConfig, flag
+from s1serve.engine.grammar import Grammars, apply_bitmask, bitmask_width
 from s1serve.engine.model_runner import ModelRunner, Runner, StepSequence, kv_blocks_for
 from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.request import Request, Sequence, SequenceStatus
 from s1serve.engine.scheduler import Scheduler
-from s1serve.engine.structured_output import GrammarCompiler, apply_mask
 from s1serve.engine.text_output import TextOutput, TokenizerDetokenizer
 from s1serve.layers.sampler import Sampler, TokenLogprob
 from s1serve.parallel.config import ParallelConfig
@@ -126,8 +126,10 @@ class Engine:
         return params.with_defaults(self.defaults)
 
     @cached_property
-    def grammars(self) -> GrammarCompiler:
+    def grammars(self) -> Grammars:
         """Built on the first constrained request: turning the token table into the grammar engine's takes ~0.5 s."""
+        from s1serve.engine.structured_output import GrammarCompiler  # the grammar library loads only when used
+
         eos = next(iter(sorted(self.eos_ids)), None)
         return GrammarCompiler.from_tokenizer(self.tokenizer, self.runner.model.config.text.vocab_size, eos)
 
@@ -218,8 +220,12 @@ class Engine:
         constrained = [(row, seq.grammar) for row, seq in enumerate(samples) if seq.grammar is not None]
         if constrained:
             logits = logits.clone()  # the runner's logits are inference tensors: no in-place updates
-            for row, grammar in constrained:
-                apply_mask(logits[row], grammar)
+            bitmask = torch.empty(len(constrained), bitmask_width(self.vocab_size), dtype=torch.int32)
+            self.grammars.fill_bitmasks([(grammar, k) for k, (_, grammar) in enumerate(constrained)], bitmask)
+            rows_masked = torch.tensor([row for row, _ in constrained], device=logits.device)
+            masked = logits.index_select(0, rows_masked)
+            apply_bitmask(masked, bitmask, self.vocab_size)
+            logits.index_copy_(0, rows_masked, masked)
         result = self.sampler(
             logits,
             [s.request.params for s in samples],

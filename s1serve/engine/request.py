@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from s1serve.engine.structured_output import GrammarMatcher
+from s1serve.engine.grammar import Matcher
 
 from s1serve.engine.text_output import TextOutput
 from s1serve.layers.sampler import TokenLogprob
@@ -61,7 +61,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended the sample
-    grammar: GrammarMatcher | None = None  # follows the request's constraint token by token
+    grammar: Matcher | None = None  # follows the request's constraint token by token
 
     @property
     def num_tokens(self) -> int:

@@ -12,19 +12,10 @@ import torch
 
 from s1serve.assets import ASSETS_DIR
 from s1serve.config import load_model_config
-from s1serve.engine.structured_output import (
-    Constraint,
-    GrammarCompiler,
-    GrammarViolationError,
-    Limits,
-    StructuredOutputError,
-    apply_bitmask,
-    apply_mask,
-    bitmask_width,
-    bound_schema,
-    json_constraint,
-    tool_call_constraint,
-)
+from s1serve.constraints import Constraint, Limits, StructuredOutputError
+from s1serve.engine.grammar import apply_bitmask, bitmask_width
+from s1serve.engine.structured_output import GrammarCompiler, GrammarViolationError
+from s1serve.serve.openai.grammars import bound_schema, json_constraint, tool_call_constraint
 from s1serve.tokenizer import load_tokenizer
 from weather_tools import WEATHER_TOOLS
 
@@ -334,20 +325,27 @@ def test_spelled_tags_and_other_whitespace_are_refused(compiler, tokenizer, ids)
         matcher.accept(ids["<|im_start|>"])  # no added token inside JSON
 
 
+def apply_mask(compiler: GrammarCompiler, logits: torch.Tensor, matcher: Any) -> None:
+    """What the engine does for a batch of one: the matcher's bitmask, then -inf where it forbids."""
+    words = torch.empty(1, bitmask_width(compiler.vocab_size), dtype=torch.int32)
+    compiler.fill_bitmasks([(matcher, 0)], words)
+    apply_bitmask(logits, words[0], compiler.vocab_size)
+
+
 def test_apply_mask_sets_forbidden_logits_to_minus_infinity(compiler, vocab_size, ids):
     constraint = tool_call_constraint(WEATHER_TOOLS, None, parallel=False, starts_in_reasoning=False)
     matcher = compiler.matcher(constraint)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(vocab_size + 16, generator=gen)  # wider than the grammar's vocabulary
     original = logits.clone()
-    assert apply_mask(logits, matcher) is logits
+    apply_mask(compiler, logits, matcher)
     finite = torch.isfinite(logits).nonzero().flatten().tolist()
     assert finite == [ids["<tool_call>"]]
     assert logits[ids["<tool_call>"]] == original[ids["<tool_call>"]]
 
     reasoning = compiler.matcher(tool_call_constraint(WEATHER_TOOLS, starts_in_reasoning=True))
     row = torch.randn(vocab_size, generator=gen)
-    apply_mask(row, reasoning)
+    apply_mask(compiler, row, reasoning)
     assert torch.equal(torch.isfinite(row), reasoning.allowed_token_mask())
 
 

@@ -10,12 +10,13 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from s1serve.constraints import Constraint, Limits
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
-from s1serve.engine.structured_output import Constraint, Limits, json_constraint, tool_call_constraint
 from s1serve.layers.sampler import TokenLogprob
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 from s1serve.serve.openai.choice import ChoiceText
 from s1serve.serve.openai.errors import APIError, error_body
+from s1serve.serve.openai.grammars import json_constraint, tool_call_constraint
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields, random_id
 from s1serve.serve.parsers.reasoning import ReasoningParser, count_reasoning_tokens, prompt_opens_reasoning
