@@ -11,7 +11,7 @@ __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 
 def __getattr__(name: str) -> Any:
     if name in ("LLM", "RequestOutput"):
-        from s1serve import llm
+        from s1serve.entrypoints import llm
 
         return getattr(llm, name)
     if name == "SamplingParams":

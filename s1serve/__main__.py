@@ -1,3 +1,3 @@
-from s1serve.cli import main
+from s1serve.entrypoints.cli import main
 
 raise SystemExit(main())

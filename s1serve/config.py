@@ -403,10 +403,7 @@ def load_generation_defaults(model_dir: str | Path) -> GenerationDefaults:
         return GenerationDefaults()
     data = _read_json(path)
     f = _Fields(data, str(path))
-    eos = data.get("eos_token_id")
-    eos_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
-    if not all(isinstance(i, int) for i in eos_ids):
-        raise ConfigError(f"{path}: field 'eos_token_id' must be an int or a list of ints, got {eos!r}")
+    eos_ids = _eos_token_ids(data, path)
     do_sample = f.bool("do_sample", True)
     return GenerationDefaults(
         temperature=f.float("temperature", 1.0) if do_sample else 0.0,
@@ -418,3 +415,17 @@ def load_generation_defaults(model_dir: str | Path) -> GenerationDefaults:
         bos_token_id=f.optional("bos_token_id", int),
         pad_token_id=f.optional("pad_token_id", int),
     )
+
+
+def read_eos_token_ids(model_dir: str | Path) -> tuple[int, ...]:
+    """The end-of-sequence ids of `<model_dir>/generation_config.json` (none without the file)."""
+    path = Path(model_dir) / "generation_config.json"
+    return _eos_token_ids(_read_json(path), path) if path.exists() else ()
+
+
+def _eos_token_ids(data: dict[str, Any], path: Path) -> tuple[int, ...]:
+    eos = data.get("eos_token_id")
+    eos_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
+    if not all(isinstance(i, int) for i in eos_ids):
+        raise ConfigError(f"{path}: field 'eos_token_id' must be an int or a list of ints, got {eos!r}")
+    return eos_ids

@@ -7,6 +7,7 @@ and whose `param` attribute carries the field name so that the server can report
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from s1serve.config import GenerationDefaults
@@ -29,6 +30,39 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_token_ids(
+    token_ids: Sequence[object], vocab_size: int, param: str = "prompt", what: str = "prompt token id"
+) -> None:
+    """Every id an integer in the model's vocabulary; else InvalidParameterError naming the first that is not."""
+    bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidParameterError(param, f"{what} {bad!r} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def check_context_length(
+    prompt_len: int, max_model_len: int, max_tokens: int | None = None, prompt_param: str = "prompt"
+) -> int:
+    """The output tokens a request may have: `max_tokens`, or all the room left when it is None. A prompt must
+    leave one position for output, and prompt + max_tokens must fit max_model_len; else InvalidParameterError."""
+    if prompt_len >= max_model_len:
+        raise InvalidParameterError(
+            prompt_param,
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len}, and "
+            f"max_model_len is {max_model_len}, so a prompt may have at most {max_model_len - 1} (one position is "
+            "needed for output)",
+        )
+    room = max_model_len - prompt_len
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise InvalidParameterError(
+            "max_tokens",
+            f"This model's maximum context length is {max_model_len} tokens; the request has {prompt_len} prompt "
+            f"tokens and asks for max_tokens {max_tokens} ({prompt_len} + {max_tokens} > {max_model_len})",
+        )
+    return max_tokens
 
 
 @dataclass(frozen=True)

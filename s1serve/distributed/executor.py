@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from s1serve.distributed.failure import FailureSignal
 from s1serve.parallel.config import ParallelConfig
 from s1serve.distributed.groups import (
     World,
@@ -156,12 +157,10 @@ class DistributedRunner(_OverLocalShard):
         self.workers = workers
         self.reports = reports  # every rank's, in rank order
         self._lock = threading.Lock()  # one message (and its forward) at a time: steps and heartbeats
-        self._failure: BaseException | None = None
-        self._failed = threading.Event()
-        self._callbacks: list[Callable[[BaseException], None]] = []
+        self._failure = FailureSignal()  # a follower gone (the workers' watcher, or a heartbeat that failed)
         self._last_sent = time.monotonic()
         self._closed = threading.Event()
-        workers.on_failure(self._fail)
+        workers.on_failure(self._failure.report)
         threading.Thread(target=self._heartbeat, name="s1serve-heartbeat", daemon=True).start()
 
     def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor:
@@ -177,24 +176,12 @@ class DistributedRunner(_OverLocalShard):
         return local
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
-        if self._failure is None:
-            self._callbacks.append(callback)
-        else:
-            callback(self._failure)
-
-    def _fail(self, error: BaseException) -> None:
-        """A follower is gone (reported by the workers' watcher, or a heartbeat that could not be sent)."""
-        if self._failure is not None:
-            return
-        self._failure = error
-        self._failed.set()
-        for callback in self._callbacks:
-            callback(error)
+        self._failure.on_failure(callback)
 
     def _call(self, method: str, *args: object) -> torch.Tensor:
         with self._lock:
-            if self._failure is not None:
-                raise self._failure
+            if self._failure.failure is not None:
+                raise self._failure.failure
             if self._closed.is_set():
                 raise RuntimeError("the runner was shut down")
             try:
@@ -202,8 +189,8 @@ class DistributedRunner(_OverLocalShard):
                 self._last_sent = time.monotonic()
                 return getattr(self.local, method)(*args)
             except RuntimeError as exc:  # a collective failed: say which rank went, if the watcher can tell
-                if self._failed.wait(BLAME_WAIT_S):
-                    raise self._failure from exc
+                if self._failure.wait(BLAME_WAIT_S):
+                    raise self._failure.failure from exc
                 raise
 
     def _heartbeat(self) -> None:
@@ -212,11 +199,11 @@ class DistributedRunner(_OverLocalShard):
             if time.monotonic() - self._last_sent < interval or not self._lock.acquire(blocking=False):
                 continue
             try:
-                if self._failure is None and not self._closed.is_set():
+                if self._failure.failure is None and not self._closed.is_set():
                     send(self.world, HEARTBEAT)
                     self._last_sent = time.monotonic()
             except RuntimeError as exc:
-                self._fail(RuntimeError(f"lost the other ranks: {exc}"))
+                self._failure.report(RuntimeError(f"lost the other ranks: {exc}"))
             finally:
                 self._lock.release()
 
@@ -225,7 +212,7 @@ class DistributedRunner(_OverLocalShard):
         if self._closed.is_set():
             return
         self._closed.set()
-        clean = self._failure is None and self._lock.acquire(timeout=LOCK_TIMEOUT_S)
+        clean = self._failure.failure is None and self._lock.acquire(timeout=LOCK_TIMEOUT_S)
         if clean:
             try:
                 send(self.world, STOP)

@@ -6,10 +6,10 @@
   remaining workers are stopped.
 - TP/EP, a `--headless` node: `run_headless` spawns the node's followers and exits when they exit: 0 when rank 0
   stopped them, 1 when one failed (e.g. rank 0 went away).
-- DP (dp > 1): `run_dp_servers` spawns one process per local DP rank, each a whole api_server on --server-port +
-  its DP rank (registering with --proxy-url on its own port), and exits non-zero a few seconds after one of them
-  fails (they are coupled by their MoE collectives under ep == dp; independent replicas are stopped alike, so that
-  a deployment is either whole or visibly gone).
+- DP (dp > 1): `run_dp_ranks` spawns one process per local DP rank, each running what the entry point gives it
+  (s1serve.entrypoints: a whole api_server on --server-port + its DP rank), and exits non-zero a few seconds
+  after one of them fails (they are coupled by their MoE collectives under ep == dp; independent replicas are
+  stopped alike, so that a deployment is either whole or visibly gone).
 
 Processes are started fresh (`python -m s1serve.distributed.spawned`, never forked: torch and threads) and die
 with their parent, even a SIGKILLed one. SIGTERM / SIGINT to a --headless or DP launcher stops its processes
@@ -18,7 +18,6 @@ and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -29,51 +28,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from s1serve.distributed.failure import FailureSignal, WorkerDied
 from s1serve.distributed.groups import free_loopback_address
-from s1serve.distributed.worker import RankSpec, configure_logging, die_with_parent, run_worker
-from s1serve.engine.config import EngineConfig
+from s1serve.distributed.worker import RankSpec, run_worker
 from s1serve.parallel.config import ParallelConfig
 
 log = logging.getLogger("s1serve.launcher")
 
 FAILURE_GRACE_S = 3.0  # after a failure, how long the others stay up (so that /health can be seen answering 503)
 STOP_TIMEOUT_S = 10.0  # how long stopped processes get to exit before they are killed
-
-
-class WorkerDied(RuntimeError):
-    """A rank's process ended while the engine needed it."""
-
-
-class FailureSignal:
-    """The first failure of a set of workers, told once to every callback (also to those registered after it)."""
-
-    def __init__(self) -> None:
-        self.failure: WorkerDied | None = None
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[BaseException], None]] = []
-
-    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
-        with self._lock:
-            if self.failure is None:
-                self._callbacks.append(callback)
-                return
-        callback(self.failure)
-
-    def report(self, error: WorkerDied) -> bool:
-        """Records the failure and runs the callbacks; False (and nothing done) when one was recorded before."""
-        with self._lock:
-            if self.failure is not None:
-                return False
-            self.failure = error
-            callbacks, self._callbacks = self._callbacks, []
-        log.error("%s", error)
-        for callback in callbacks:
-            callback(error)
-        return True
 
 
 class Child:
@@ -188,11 +154,9 @@ def _stop_on_signals(supervisor: Supervisor) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def run_headless(args: argparse.Namespace, parallel: ParallelConfig) -> int:
+def run_headless(spec: RankSpec) -> int:
     """A --headless node: its followers of rank 0's engine; exits when they do."""
-    configure_logging()
-    config = EngineConfig.from_namespace(args)
-    spec = RankSpec(Path(args.model), args.dtype, args.device, config, parallel, parallel.address)
+    parallel = spec.parallel
     ranks = list(parallel.local_ranks)
     log.info("headless node %d: ranks %s, rank 0 at %s", parallel.node_rank, ranks, parallel.address)
     supervisor = Supervisor(spawn(run_worker, [(spec, r) for r in ranks], [f"rank-{r}" for r in ranks]), False)
@@ -200,27 +164,13 @@ def run_headless(args: argparse.Namespace, parallel: ParallelConfig) -> int:
     return supervisor.wait()
 
 
-def run_dp_servers(args: argparse.Namespace, parallel: ParallelConfig) -> int:
-    """This node's DP ranks, each an api_server process; exits when they do (non-zero if one failed)."""
-    configure_logging()
+def run_dp_ranks(serve_rank: Callable[..., None], args: Any, parallel: ParallelConfig) -> int:
+    """This node's DP ranks, each a process running serve_rank(args, parallel, rank, parent_pid) (a module-level
+    function that serves DP rank `rank` and exits with its status); exits when they do (non-zero if one failed)."""
     if parallel.ep > 1 and not parallel.address:
         parallel = dataclasses.replace(parallel, dist_init_addr=free_loopback_address())
     ranks = list(parallel.local_ranks)
-    log.info("node %d: DP ranks %s on ports %s", parallel.node_rank, ranks, [args.server_port + r for r in ranks])
-    procs = spawn(_serve_dp_rank, [(args, parallel, r) for r in ranks], [f"dp-rank-{r}" for r in ranks])
+    procs = spawn(serve_rank, [(args, parallel, r) for r in ranks], [f"dp-rank-{r}" for r in ranks])
     supervisor = Supervisor(procs, until_stopped=True, grace=FAILURE_GRACE_S)
     _stop_on_signals(supervisor)
     return supervisor.wait()
-
-
-def _serve_dp_rank(args: argparse.Namespace, parallel: ParallelConfig, rank: int, parent_pid: int) -> None:
-    from s1serve.errors import S1ServeError
-    from s1serve.serve.openai.api_server import serve
-
-    die_with_parent(parent_pid)
-    try:
-        code = serve(args, parallel, rank)
-    except (S1ServeError, ValueError, FileNotFoundError) as exc:
-        print(f"error: DP rank {rank}: {exc}", file=sys.stderr)
-        code = 2
-    raise SystemExit(code)

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
-from s1serve.distributed.launcher import STOP_TIMEOUT_S, FailureSignal, WorkerDied
-from s1serve.distributed.worker import RankSpec, configure_logging, follow_rank
+from s1serve.distributed.failure import FailureSignal, WorkerDied
+from s1serve.distributed.launcher import STOP_TIMEOUT_S
+from s1serve.distributed.spawned import LOG_FORMAT
+from s1serve.distributed.worker import RankSpec, follow_rank
 from s1serve.engine.config import EngineConfig
 from s1serve.errors import S1ServeError
 from s1serve.parallel.config import ParallelConfig
@@ -38,7 +40,7 @@ class RankActor:
     """A follower rank inside a Ray actor (wrapped with ray.remote when the backend is used)."""
 
     def follow(self, spec: RankSpec, rank: int) -> int:
-        configure_logging()
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # the actor's process has no other entry point
         return follow_rank(spec, rank)
 
     def gpu_id(self) -> int:

@@ -213,13 +213,8 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="s1serve-parent-watch", daemon=True).start()
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def run_worker(spec: RankSpec, rank: int, parent_pid: int) -> None:
     """Entry point of a spawned follower process."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
-    configure_logging()
     sys.exit(follow_rank(spec, rank))

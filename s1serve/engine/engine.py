@@ -15,38 +15,38 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from s1serve.config import GenerationDefaults, load_generation_defaults
+from s1serve.config import GenerationDefaults
 from s1serve.engine.block_manager import BlockManager
 from s1serve.engine.config import EngineConfig, flag
 from s1serve.engine.grammar import Grammars, apply_bitmask, bitmask_width
-from s1serve.engine.model_runner import ModelRunner, Runner, StepSequence, kv_blocks_for
+from s1serve.engine.model_runner import Runner, StepSequence
 from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.request import Request, Sequence, SequenceStatus
 from s1serve.engine.scheduler import Scheduler
 from s1serve.engine.text_output import TextOutput, TokenizerDetokenizer
 from s1serve.layers.sampler import Sampler, TokenLogprob
-from s1serve.parallel.config import ParallelConfig
-from s1serve.sampling_params import InvalidParameterError, SamplingParams
+from s1serve.sampling_params import (
+    InvalidParameterError,
+    SamplingParams,
+    check_context_length,
+    check_token_ids,
+)
 
 
 class Engine:
     def __init__(
         self,
-        model: nn.Module | Runner,
+        runner: Runner,
         config: EngineConfig,
         defaults: GenerationDefaults,
         tokenizer: Any | None = None,
     ):
-        """`model`: a model in this process (a ModelRunner is built for it) or a ready runner."""
-        if isinstance(model, nn.Module):
-            model = ModelRunner(model, kv_blocks_for(model, config), config.block_size)
-        runner: Runner = model
+        """`runner`: the model in this process (a ModelRunner), or the ranks of a parallel group driven from here
+        (s1serve.entrypoints builds it)."""
         text = runner.model.config.text
         num_blocks = runner.num_blocks
         if config.max_model_len is not None and config.max_model_len > text.max_position_embeddings:
@@ -68,30 +68,6 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._seeds = random.Random(config.seed)
 
-    @classmethod
-    def from_checkpoint(
-        cls,
-        model: str | Path,
-        dtype: str = "auto",
-        device: str = "cpu",
-        config: EngineConfig | None = None,
-        tokenizer: Any | None = None,
-        parallel: ParallelConfig = ParallelConfig(),
-        rank: int = 0,
-    ) -> "Engine":
-        """Loads the checkpoint; under `parallel` this is global rank `rank` (0, or a DP rank) and starts or joins
-        the other ranks (see s1serve.distributed.executor)."""
-        from s1serve.distributed.executor import create_runner
-
-        config = config or EngineConfig()
-        model_dir = Path(model)
-        runner = create_runner(model_dir, dtype, device, config, parallel, rank)
-        try:
-            return cls(runner, config, load_generation_defaults(model_dir), tokenizer)
-        except BaseException:
-            runner.shutdown()
-            raise
-
     def shutdown(self) -> None:
         """Stops the runner's other ranks, if it has any (the engine cannot step afterwards)."""
         self.runner.shutdown()
@@ -102,17 +78,8 @@ class Engine:
         """Validates a request (also outside the engine thread); returns its params with defaults filled in."""
         if not prompt_token_ids:
             raise InvalidParameterError("prompt", "prompt is empty: give at least one token")
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidParameterError(
-                "prompt", f"prompt token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})"
-            )
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidParameterError(
-                "prompt",
-                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}, so a prompt may "
-                f"have at most {self.max_model_len - 1} (one position is needed for output)",
-            )
+        check_token_ids(prompt_token_ids, self.vocab_size)
+        check_context_length(len(prompt_token_ids), self.max_model_len)
         if params.n > self.config.max_num_seqs:
             raise InvalidParameterError(
                 "n", f"n ({params.n}) exceeds {flag('max_num_seqs')} ({self.config.max_num_seqs})"

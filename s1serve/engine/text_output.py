@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from s1serve.engine.stop_strings import find_stop, open_stop_prefix
+
 
 class Detokenizer(Protocol):
     def feed(self, token_id: int) -> str:
@@ -64,26 +66,18 @@ class TextOutput:
         self.text += piece
         if not self._stop or not piece:
             return None
-        start = max(0, before - self._holdback)
-        hits = [(i, s) for s in self._stop if (i := self.text.find(s, start)) >= 0]
-        if not hits:
+        hit = find_stop(self.text, self._stop, max(0, before - self._holdback))
+        if hit is None:
             return None
-        position, stop = min(hits)
+        position, stop = hit
         self.text = self.text[:position]
         self._stopped = True
         return stop
 
     def delta(self, finished: bool) -> str:
         """Text not streamed yet; while running, minus what could still turn out to start a stop string."""
-        end = len(self.text) if finished else max(self._emitted, len(self.text) - self._open_stop_prefix())
+        held = open_stop_prefix(self.text, self._stop)
+        end = len(self.text) if finished else max(self._emitted, len(self.text) - held)
         out = self.text[self._emitted : end]
         self._emitted = end
         return out
-
-    def _open_stop_prefix(self) -> int:
-        """Length of the longest end of the text that is the beginning of a stop string."""
-        for length in range(min(self._holdback, len(self.text)), 0, -1):
-            tail = self.text[-length:]
-            if any(stop.startswith(tail) for stop in self._stop):
-                return length
-        return 0

@@ -20,20 +20,15 @@ computed once and cached; a text seen before in pieces costs a few dictionary lo
 from __future__ import annotations
 
 import gc
-import json
-import logging
 import operator
-import os
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 
-from s1serve.assets import ASSETS_DIR
 from s1serve.tokenizer.bpe import _NOT_SPACE, SP_SPACE, ByteLevelBPE, ChunkCache
 from s1serve.tokenizer.bytelevel import char_to_byte
 from s1serve.tokenizer.chat_template import ChatTemplate
@@ -49,15 +44,9 @@ from s1serve.tokenizer.domain import (
 )
 from s1serve.tokenizer.errors import ChatTemplateError, InvalidTokenIdError, TokenizerError
 
-logger = logging.getLogger(__name__)
-
-
-_SP_FILES = {SMILES: "tokenizer_SMILES.model", PROTEIN: "tokenizer_PROT.model", XNA: "tokenizer_XNA.model"}
-_REQUIRED_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt", *_SP_FILES.values())
 # Explicit tags -> domain model, as the reference maps them.
 _EXPLICIT_TAGS = {"SMILES": SMILES, "protein": PROTEIN, "dna": XNA, "rna": XNA}
 _PROTECT_BEGIN, _PROTECT_END = "<MOLFORMULA>", "</MOLFORMULA>"
-_SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _DOMAIN_CACHE_SIZE = 1 << 14
 _PLAIN_CACHE_CHARS, _MAX_CACHED_CHUNK_CHARS = 1 << 22, 4096
@@ -71,7 +60,7 @@ _BRACKETED_CHUNK = re.compile(rf"(?:\[[^\]]*\]|.)(?:[^ \[]+|\[[^\]]*\]|\[|{_UNCU
 
 
 @dataclass(frozen=True)
-class _Domain:
+class DomainModel:
     """One SentencePiece model and where its ids live in the shared vocabulary."""
 
     name: str
@@ -86,7 +75,7 @@ class _Domain:
 
 
 class Tokenizer:
-    """Encode/decode for Intern-S1(-Pro). Build it with `load_tokenizer(model_dir)`."""
+    """Encode/decode for Intern-S1(-Pro). Build it with `load_tokenizer(model_dir)` (loading.py)."""
 
     def __init__(
         self,
@@ -96,7 +85,7 @@ class Tokenizer:
         added_tokens: Mapping[int, str],
         special_tokens: Sequence[str],
         special_tokens_map: Mapping[str, Any],
-        domains: Mapping[str, _Domain],
+        domains: Mapping[str, DomainModel],
         eos_token_ids: Sequence[int],
         chat_template: ChatTemplate | None,
     ) -> None:
@@ -133,7 +122,7 @@ class Tokenizer:
         self.eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
 
         # Encoding: where text is cut, and what each cut-out string does.
-        self._domain_begin: dict[str, _Domain] = {f"<{tag}>": domains[d] for tag, d in _EXPLICIT_TAGS.items()}
+        self._domain_begin: dict[str, DomainModel] = {f"<{tag}>": domains[d] for tag, d in _EXPLICIT_TAGS.items()}
         self._domain_begin.update({marker: domains[d] for marker, d in AUTO_BEGIN.items()})
         self._domain_end = {f"</{tag}>" for tag in _EXPLICIT_TAGS} | set(AUTO_END)
         self._explicit_begin = {f"<{tag}>" for tag in _EXPLICIT_TAGS} | {_PROTECT_BEGIN}
@@ -169,7 +158,7 @@ class Tokenizer:
         if not self._cut_initials.search(text):
             return self._encode_text([], text, 0)
         ids: list[int] = []
-        stack: list[_Domain] = []
+        stack: list[DomainModel] = []
         depth = 0  # explicit tags and protection tags open around this point: no detection inside
         for piece in self._cut_pattern.split(text):
             if piece in self._tags:
@@ -184,7 +173,7 @@ class Tokenizer:
                 ids += self._encode_text(stack, piece, depth)
         return ids
 
-    def _encode_text(self, stack: list[_Domain], text: str, depth: int) -> list[int]:
+    def _encode_text(self, stack: list[DomainModel], text: str, depth: int) -> list[int]:
         """A piece of text between added tokens. The common case (no tag open, no marker spelled out) goes
         chunk by chunk through the cache of final ids, detection included."""
         if depth:
@@ -205,7 +194,7 @@ class Tokenizer:
         plain = iter(self._bpe.encode_chunks([p[0].replace(SP_SPACE, " ") for p in pieces if len(p) == 1]))
         return [next(plain) if len(p) == 1 else self._encode_pieces(p, []) for p in pieces]
 
-    def _encode_pieces(self, pieces: list[str], stack: list[_Domain]) -> list[int]:
+    def _encode_pieces(self, pieces: list[str], stack: list[DomainModel]) -> list[int]:
         """Pieces (added tokens, markers, text) -> ids, pushing and popping domain models on `stack`."""
         ids: list[int] = []
         for piece in pieces:
@@ -228,14 +217,14 @@ class Tokenizer:
                 ids += self._bpe.encode(piece)
         return ids
 
-    def _bpe_in(self, stack: list[_Domain], text: str) -> list[int]:
+    def _bpe_in(self, stack: list[DomainModel], text: str) -> list[int]:
         ids = self._bpe.encode(text)
         if not stack:
             return ids
         remap = stack[-1].bpe_to_domain
         return [remap.get(i, i) for i in ids]
 
-    def _encode_domain(self, stack: list[_Domain], text: str) -> list[int]:
+    def _encode_domain(self, stack: list[DomainModel], text: str) -> list[int]:
         key = (stack[-1].name, text)
         ids = self._domain_cache.get(key)
         if ids is None:
@@ -245,7 +234,7 @@ class Tokenizer:
             self._domain_cache[key] = ids
         return ids
 
-    def _encode_domain_uncached(self, stack: list[_Domain], text: str) -> list[int]:
+    def _encode_domain_uncached(self, stack: list[DomainModel], text: str) -> list[int]:
         domain = stack[-1]
         ids: list[int] = []
         # The reference encodes twice (pieces, then their ids); the pieces alone tell the same, as a piece
@@ -359,7 +348,7 @@ def _nfc(text: str) -> str:
     return "\n".join([line if line.isascii() else _nfc(line) for line in text.split("\n")])
 
 
-def _placeholder_names(domains: Iterable[_Domain]) -> set[str]:
+def _placeholder_names(domains: Iterable[DomainModel]) -> set[str]:
     """The reference also files every domain piece in its vocabulary as `<|NAME_piece|>`."""
     return {f"<|{d.name}_{piece}|>" for d in domains for piece in d.pieces}
 
@@ -378,123 +367,3 @@ def _token_bytes(token: str) -> bytes:
         else:
             out.append(b)
     return bytes(out)
-
-
-def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
-    """Read the tokenizer of a checkpoint folder. A folder with none of the tokenizer files (e.g. a tiny test
-    checkpoint) uses the published files shipped in s1serve/assets; a folder with some but not all fails."""
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise TokenizerError(f"checkpoint folder {folder} does not exist")
-    present = [name for name in _REQUIRED_FILES if (folder / name).is_file()]
-    if not present:
-        logger.warning("%s has no tokenizer files; using the published ones in %s", folder, ASSETS_DIR)
-        folder = ASSETS_DIR
-    elif missing := [name for name in _REQUIRED_FILES if name not in present]:
-        raise TokenizerError(f"{folder} lacks tokenizer files: {', '.join(missing)}")
-
-    config = _read_json(folder / "tokenizer_config.json")
-    vocab = _read_json(folder / "vocab.json")
-    added = _added_tokens(folder, config)
-    special_map = _special_tokens_map(folder, config)
-    specials = [v for k, v in special_map.items() if k != "additional_special_tokens"]
-    specials += special_map.get("additional_special_tokens", [])
-    by_content = {content: i for i, content in added.items()}
-
-    domains: dict[str, _Domain] = {}
-    for name, filename in _SP_FILES.items():
-        offset = config.get(f"offset_{name}")
-        if not isinstance(offset, int):
-            raise TokenizerError(f"tokenizer_config.json lacks the integer offset_{name}")
-        model = spm.SentencePieceProcessor()
-        try:
-            model.Load(str(folder / filename))
-        except (OSError, RuntimeError) as exc:
-            raise TokenizerError(f"cannot load {folder / filename}: {exc}") from exc
-        unk = model.unk_id()
-        pieces = [model.id_to_piece(j) for j in range(model.get_piece_size())]
-        remap = {vocab[piece]: j + offset for j, piece in enumerate(pieces) if j != unk and piece in vocab}
-        piece_ids = {piece: by_content.get(piece, j + offset) for j, piece in enumerate(pieces) if j}
-        domains[name] = _Domain(name, model, offset, pieces, remap, piece_ids)
-
-    eos = [by_content[t] for t in [special_map.get("eos_token")] if t in by_content]
-    eos += _generation_eos(Path(model_dir))
-    return Tokenizer(
-        # BPE on its own serves only text inside tags and around detected spans: a smaller cache will do.
-        bpe=ByteLevelBPE(folder / "vocab.json", folder / "merges.txt", max_cached_chars=1 << 20),
-        vocab=vocab,
-        added_tokens=added,
-        special_tokens=specials,
-        special_tokens_map=special_map,
-        domains=domains,
-        eos_token_ids=eos,
-        chat_template=_chat_template(folder, config),
-    )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from exc
-
-
-def _added_tokens(folder: Path, config: Mapping[str, Any]) -> dict[int, str]:
-    """id -> content, from tokenizer_config's added_tokens_decoder, else added_tokens.json."""
-    decoder = config.get("added_tokens_decoder")
-    try:
-        if decoder:
-            added = {}
-            for key, spec in decoder.items():
-                if any(spec.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
-                    raise TokenizerError(f"added token {spec['content']!r} strips spaces or matches whole words; "
-                                         "s1serve does not support that")
-                added[int(key)] = spec["content"]
-            return added
-        path = folder / "added_tokens.json"
-        return {int(i): content for content, i in _read_json(path).items()} if path.is_file() else {}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        if isinstance(exc, TokenizerError):
-            raise
-        raise TokenizerError(f"malformed added tokens in {folder}: {exc!r}") from exc
-
-
-def _special_tokens_map(folder: Path, config: Mapping[str, Any]) -> dict[str, Any]:
-    """bos/eos/pad/... and additional_special_tokens as strings; tokenizer_config first, then
-    special_tokens_map.json for what it leaves out."""
-    extra_path = folder / "special_tokens_map.json"
-    extra = _read_json(extra_path) if extra_path.is_file() else {}
-    out: dict[str, Any] = {}
-    for key in (*_SPECIAL_ATTRIBUTES, "additional_special_tokens"):
-        value = config.get(key)
-        if value is None:
-            value = extra.get(key)
-        if value is None:
-            continue
-        if key == "additional_special_tokens":
-            out[key] = [v["content"] if isinstance(v, dict) else v for v in value]
-        else:
-            out[key] = value["content"] if isinstance(value, dict) else value
-    return out
-
-
-def _generation_eos(folder: Path) -> list[int]:
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return []
-    eos = _read_json(path).get("eos_token_id")
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def _chat_template(folder: Path, config: Mapping[str, Any]) -> ChatTemplate | None:
-    path = folder / "chat_template.jinja"
-    if path.is_file():
-        return ChatTemplate(path.read_text(encoding="utf-8"))
-    source = config.get("chat_template")
-    if source is None:
-        return None
-    if isinstance(source, list):  # named templates, as transformers stores several
-        return ChatTemplate({t["name"]: t["template"] for t in source})
-    return ChatTemplate(source)

@@ -46,11 +46,11 @@ print(json.dumps(LoadReport(0, params, expert_bytes(model), before, peak_rss()).
 LOAD_EP2 = """
 import json, sys
 from s1serve.engine.config import EngineConfig
-from s1serve.engine.engine import Engine
+from s1serve.entrypoints.engine import build_engine
 from s1serve.parallel.config import ParallelConfig
 
-engine = Engine.from_checkpoint(sys.argv[1], "bfloat16", "cpu", EngineConfig(num_kv_blocks=4),
-                                parallel=ParallelConfig(ep=2))
+engine = build_engine(sys.argv[1], "bfloat16", "cpu", EngineConfig(num_kv_blocks=4),
+                     parallel=ParallelConfig(ep=2))
 engine.shutdown()
 print(json.dumps([r.__dict__ for r in engine.runner.reports]))
 """

@@ -35,10 +35,10 @@ def test_a_tp_engine_imports_no_ray(tiny_checkpoint):
     script = f"""
 import json, sys
 from s1serve.engine.config import EngineConfig
-from s1serve.engine.engine import Engine
+from s1serve.entrypoints.engine import build_engine
 from s1serve.parallel.config import ParallelConfig
-engine = Engine.from_checkpoint({str(tiny_checkpoint)!r}, "float32", "cpu", EngineConfig(num_kv_blocks=8),
-                                parallel=ParallelConfig(tp=2))
+engine = build_engine({str(tiny_checkpoint)!r}, "float32", "cpu", EngineConfig(num_kv_blocks=8),
+                     parallel=ParallelConfig(tp=2))
 loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
 engine.shutdown()
 print(json.dumps(loaded))

@@ -11,6 +11,7 @@ from engine_testing import make_llm, random_prompts
 from s1serve import SamplingParams
 from s1serve.engine.config import EngineConfig
 from s1serve.engine.engine import Engine
+from s1serve.engine.model_runner import ModelRunner, kv_blocks_for
 
 
 def test_a_seed_gives_the_same_tokens_alone_or_in_a_batch_of_16(tiny_checkpoint):
@@ -105,7 +106,9 @@ def test_eos_ids_come_from_the_checkpoint_and_ignore_eos_skips_them(tiny_checkpo
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     ids = base.generate(prompt_token_ids=[prompt], sampling_params=greedy, use_tqdm=False)[0].token_ids
     defaults = dataclasses.replace(base.engine.defaults, eos_token_ids=(ids[3],))
-    engine = Engine(base.engine.runner.model, EngineConfig(block_size=16, num_kv_blocks=32), defaults)
+    config = EngineConfig(block_size=16, num_kv_blocks=32)
+    model = base.engine.runner.model
+    engine = Engine(ModelRunner(model, kv_blocks_for(model, config), config.block_size), config, defaults)
     engine.add_request("eos", prompt, dataclasses.replace(greedy, ignore_eos=False))
     engine.add_request("ignored", prompt, greedy)
     got: dict[str, list] = {"eos": [], "ignored": []}

@@ -1,9 +1,8 @@
-"""`s1serve serve api_server MODEL`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the AsyncEngine.
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) over an AsyncEngine it is handed.
 
-With parallel flags (s1serve.distributed): under --tp/--ep this process is rank 0 and hosts the engine (a
-`--headless` node runs only its workers); under --dp it is a launcher whose processes are one api_server per DP
-rank, on --server-port + DP rank. A distributed engine that dies (a worker process died, a collective failed)
-answers 503 at once, and the server exits with status 1 a few seconds later, so that a supervisor restarts it.
+Which processes run it, with which engine, is s1serve.entrypoints' business (entrypoints/api_server.py). An
+engine that dies answers 503 at once; when asked to, the server then exits with status 1 a few seconds later, so
+that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -18,11 +17,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from s1serve.distributed.launcher import FAILURE_GRACE_S, run_dp_servers, run_headless
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
-from s1serve.engine.config import EngineConfig
-from s1serve.engine.engine import Engine
-from s1serve.parallel.config import ParallelConfig
+from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
@@ -36,7 +32,7 @@ from s1serve.serve.openai.protocol import (
 from s1serve.serve.openai.serving import ChatServing, CompletionServing, ServingContext
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import advertised_url, proxy_membership
-from s1serve.tokenizer import load_tokenizer
+from s1serve.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 8 << 20
 log = logging.getLogger("s1serve.api_server")
@@ -134,9 +130,10 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
-        bad = [t for t in body.tokens if not 0 <= t < ctx.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is out of vocabulary (0..{ctx.vocab_size - 1})", "tokens")
+        try:
+            check_token_ids(body.tokens, ctx.vocab_size, "tokens", "token id")
+        except InvalidParameterError as exc:
+            raise APIError(400, str(exc), exc.param) from None
         text = ctx.tokenizer.decode(
             body.tokens,
             skip_special_tokens=body.skip_special_tokens,
@@ -147,36 +144,22 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     return app
 
 
-def run_api_server(args: argparse.Namespace) -> int:
-    """Serves until interrupted (see the module's docstring for the parallel shapes); the exit status."""
-    parallel = ParallelConfig.from_namespace(args)
-    if parallel.headless:
-        return run_headless(args, parallel)
-    if parallel.dp > 1:
-        return run_dp_servers(args, parallel)
-    return serve(args, parallel)
-
-
-def serve(args: argparse.Namespace, parallel: ParallelConfig, rank: int = 0) -> int:
-    """One api_server: the engine's rank 0, or DP rank `rank` on --server-port + rank. Loads the model, starts the
-    engine thread, serves until interrupted or until a distributed engine dies (then returns 1), stops the engine."""
+def serve_http(engine: AsyncEngine, tokenizer: Tokenizer, args: argparse.Namespace, port: int,
+               exit_grace_s: float | None = None) -> int:
+    """Serves `engine` on `port` with the api_server flags in `args` until interrupted; stops the engine after.
+    With `exit_grace_s`, an engine that dies (a worker process died, a collective failed) makes the server answer
+    503 at once and exit with status 1 that many seconds later; the return value is the exit status."""
     import uvicorn
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    port = args.server_port + (rank if parallel.dp > 1 else 0)
     reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
     tools = get_tool_call_parser(args.tool_call_parser) if args.tool_call_parser else None
-    tokenizer = load_tokenizer(args.model)
-    engine = AsyncEngine(
-        Engine.from_checkpoint(args.model, args.dtype, args.device, EngineConfig.from_namespace(args), tokenizer, parallel, rank)
-    )
     name = args.model_name or Path(args.model).resolve().name
     ctx = ServingContext(
         engine=engine,
         tokenizer=tokenizer,
         model_name=name,
         max_model_len=engine.engine.max_model_len,
-        vocab_size=engine.engine.runner.model.config.text.vocab_size,
+        vocab_size=engine.engine.vocab_size,
         metrics=ServerMetrics(name),
         reasoning_parser=reasoning,
         tool_parser=tools,
@@ -204,15 +187,15 @@ def serve(args: argparse.Namespace, parallel: ParallelConfig, rank: int = 0) -> 
     )
 
     def exit_soon(error: BaseException) -> None:
-        if stopping.is_set():
+        if stopping.is_set() or exit_grace_s is None:
             return
         died.set()
-        log.error("the engine died (%s); exiting in %.0f s", error, FAILURE_GRACE_S)
-        timer = threading.Timer(FAILURE_GRACE_S, lambda: setattr(server, "should_exit", True))
+        log.error("the engine died (%s); exiting in %.0f s", error, exit_grace_s)
+        timer = threading.Timer(exit_grace_s, lambda: setattr(server, "should_exit", True))
         timer.daemon = True
         timer.start()
 
-    if parallel.is_distributed:
+    if exit_grace_s is not None:
         engine.on_death(exit_soon)
     log.info("serving %s as '%s' on http://%s:%d/v1", args.model, name, args.server_name, port)
     server.run()

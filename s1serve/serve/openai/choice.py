@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from s1serve.engine.stop_strings import find_stop, open_stop_prefix
 from s1serve.serve.parsers.reasoning import ReasoningParser
 from s1serve.serve.parsers.response import ParsedOutput, ResponseDelta, ResponseParser
 
@@ -45,19 +46,15 @@ class ChoiceText:
         start = self._content_start()
         safe = len(self.text)
         if self.stops and start is not None:
-            search_from = max(start, self.released - max(map(len, self.stops)))
-            hit = min(
-                ((i, s) for s in self.stops if (i := self.text.find(s, search_from)) >= 0),
-                default=None,
-            )
+            hit = find_stop(self.text, self.stops, max(start, self.released - max(map(len, self.stops))))
             if hit is not None:
                 index, stop = hit
                 self.text = self.text[: index + (len(stop) if self.include_stop else 0)]
                 self.stopped = True
                 safe = len(self.text)
             else:
-                safe = max(start, len(self.text) - max(map(len, self.stops)) + 1, self.released)
-                safe = min(safe, len(self.text))
+                held = open_stop_prefix(self.text[start:], self.stops)
+                safe = max(len(self.text) - held, self.released)
         return self._release(safe)
 
     def _release(self, end: int) -> ResponseDelta:

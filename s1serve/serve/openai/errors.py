@@ -32,19 +32,20 @@ class APIError(Exception):
         self.param = param
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
+    """The one error shape of the server and the proxy; `kind` (the "type") defaults to OpenAI's for `status`."""
     return {
         "error": {
             "message": message,
-            "type": ERROR_TYPES.get(status, HTTPStatus(status).phrase),
+            "type": kind or ERROR_TYPES.get(status, HTTPStatus(status).phrase),
             "param": param,
             "code": status,
         }
     }
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, kind), status_code=status)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

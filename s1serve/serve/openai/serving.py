@@ -13,7 +13,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from s1serve.constraints import Constraint, Limits
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
 from s1serve.layers.sampler import TokenLogprob
-from s1serve.sampling_params import InvalidParameterError, SamplingParams
+from s1serve.sampling_params import (
+    InvalidParameterError,
+    SamplingParams,
+    check_context_length,
+    check_token_ids,
+)
 from s1serve.serve.openai.choice import ChoiceText
 from s1serve.serve.openai.errors import APIError, error_body
 from s1serve.serve.openai.grammars import json_constraint, tool_call_constraint
@@ -54,21 +59,10 @@ def check_model(ctx: ServingContext, name: str | None) -> None:
 
 
 def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | None) -> int:
-    if prompt_len >= ctx.max_model_len:
-        raise APIError(
-            400, f"This model's maximum context length is {ctx.max_model_len} tokens; the prompt has {prompt_len}", "messages"
-        )
-    room = ctx.max_model_len - prompt_len
-    if requested is None:
-        return room
-    if requested > room:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {ctx.max_model_len} tokens; the request has {prompt_len} prompt "
-            f"tokens and asks for max_tokens {requested} ({prompt_len} + {requested} > {ctx.max_model_len})",
-            "max_tokens",
-        )
-    return requested
+    try:
+        return check_context_length(prompt_len, ctx.max_model_len, requested, prompt_param="messages")
+    except InvalidParameterError as exc:
+        raise APIError(400, str(exc), exc.param) from None
 
 
 def sampling_params(
@@ -383,9 +377,10 @@ class CompletionServing:
         for ids in batches:
             if not ids:
                 raise APIError(400, "prompt is empty", "prompt")
-            bad = [t for t in ids if not 0 <= t < self.ctx.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt token id {bad[0]} is out of vocabulary (0..{self.ctx.vocab_size - 1})", "prompt")
+            try:
+                check_token_ids(ids, self.ctx.vocab_size)
+            except InvalidParameterError as exc:
+                raise APIError(400, str(exc), exc.param) from None
         return batches
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:

@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from s1serve.serve.openai.errors import error_response
 from s1serve.serve.proxy.config import ProxyConfig
-from s1serve.serve.proxy.forward import Forwarder, error_response
+from s1serve.serve.proxy.forward import Forwarder
 from s1serve.serve.proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from s1serve.serve.proxy.nodes import HealthMonitor, Node, NodeRegistry, normalize_url
 from s1serve.serve.proxy.routing import Router
@@ -65,11 +66,11 @@ def create_app(config: ProxyConfig) -> FastAPI:
     async def add_node(body: NodeAdd, request: Request) -> Response:
         if body.status.role != "Hybrid":
             return error_response(400, f"node role {body.status.role!r} (prefill/decode disaggregation) is not "
-                                       "supported yet; only Hybrid nodes can join", "BadRequestError")
+                                       "supported yet; only Hybrid nodes can join", kind="BadRequestError")
         try:
             url = normalize_url(body.url)
         except ValueError as exc:
-            return error_response(400, str(exc), "BadRequestError")
+            return error_response(400, str(exc), kind="BadRequestError")
         node = registry.add(url, body.status.models, body.status.capacity)
         await request.app.state.monitor.probe(node)  # a node that does not answer yet joins unhealthy; sweeps admit it
         return JSONResponse(node.status())
@@ -78,7 +79,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
     async def remove_node(node_url: str) -> Response:
         url = node_url.strip().rstrip("/")
         if not registry.remove(url):
-            return error_response(404, f"node {url!r} is not registered", "NotFoundError")
+            return error_response(404, f"node {url!r} is not registered", kind="NotFoundError")
         return JSONResponse({"removed": url})
 
     @app.get("/nodes/status")

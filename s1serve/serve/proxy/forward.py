@@ -14,9 +14,10 @@ from typing import AsyncIterator, Awaitable, Callable
 import aiohttp
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from s1serve.serve.openai.errors import error_body, error_response
 from s1serve.serve.proxy.metrics import ProxyMetrics
 from s1serve.serve.proxy.nodes import Node, NodeRegistry
 from s1serve.serve.proxy.routing import Router
@@ -33,14 +34,8 @@ NO_AUTO_HEADERS = ("User-Agent", "Content-Type")
 CLIENT_CLOSED = 499  # never seen by the client, recorded for the log
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    """An OpenAI-shaped error."""
-    error = {"message": message, "type": kind, "param": None, "code": status}
-    return JSONResponse({"error": error}, status_code=status)
-
-
 def stream_error_event(message: str) -> bytes:
-    error = {"error": {"message": message, "type": "upstream_error", "param": None, "code": 502}}
+    error = error_body(502, message, kind="upstream_error")
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
@@ -175,7 +170,7 @@ class Forwarder:
         if model is not None and self.registry.nodes and not any(n.serves(model) for n in self.registry.nodes.values()):
             self.metrics.requests.labels(path, "proxy_error").inc()
             return error_response(404, f"model {model!r} is not served here; served: {self.registry.models()}",
-                                  "NotFoundError")
+                                  kind="NotFoundError")
         headers = upstream_headers(request)
         response = await until_disconnect(request, lambda: self._dispatch(path, body, headers, model))
         if response is None:
@@ -207,8 +202,12 @@ class Forwarder:
         self.metrics.requests.labels(path, "proxy_error").inc()
         if not failures:
             served = f"serves model {model!r}" if model else "is registered"
-            return error_response(503, f"no healthy node {served}; see GET /nodes/status", "ServiceUnavailableError")
-        return error_response(502, "upstream failed before answering: " + "; ".join(failures), "BadGatewayError")
+            return error_response(
+                503, f"no healthy node {served}; see GET /nodes/status", kind="ServiceUnavailableError"
+            )
+        return error_response(
+            502, "upstream failed before answering: " + "; ".join(failures), kind="BadGatewayError"
+        )
 
     async def _attempt(self, node: Node, path: str, body: bytes, headers: list[tuple[str, str]]) -> Response:
         started = self.registry.clock()
@@ -267,7 +266,9 @@ class Forwarder:
 
     def _timeout(self, path: str, node: Node) -> Response:
         self.metrics.requests.labels(path, "proxy_error").inc()
-        return error_response(504, f"upstream {node.url} sent nothing for the request timeout", "GatewayTimeoutError")
+        return error_response(
+            504, f"upstream {node.url} sent nothing for the request timeout", kind="GatewayTimeoutError"
+        )
 
     @staticmethod
     async def _first_events(chunks: AsyncIterator[bytes]) -> tuple[bytes, bytes]:

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from s1serve.engine.config import EngineConfig
-from s1serve.engine.engine import Engine
 from s1serve.engine.outputs import CompletionOutput, RequestOutput
+from s1serve.entrypoints.engine import build_engine
 from s1serve.parallel.config import ParallelConfig
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
@@ -53,7 +53,7 @@ class LLM:
         self.model_dir = Path(model)
         self.skip_tokenizer_init = skip_tokenizer_init
         config = EngineConfig(**engine_args)
-        self.engine = Engine.from_checkpoint(self.model_dir, dtype, device, config, parallel=parallel)
+        self.engine = build_engine(self.model_dir, dtype, device, config, parallel=parallel)
         self.config = self.engine.runner.model.config
         self.defaults = self.engine.defaults
         self._ids = itertools.count()
