@@ -29,7 +29,8 @@ from s1serve.serve.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from s1serve.serve.openai.serving import ChatServing, CompletionServing, ServingContext
+from s1serve.serve.openai.prepare import ServingContext
+from s1serve.serve.openai.serving import ChatServing, CompletionServing
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import advertised_url, proxy_membership
 from s1serve.tokenizer import Tokenizer

@@ -1,248 +1,31 @@
-"""Chat and text completions over the AsyncEngine: prompt building, limits, parsed choices, SSE streaming."""
+"""Chat and text completions over the AsyncEngine: each handler prepares the request (prepare.py), runs it
+(generation.py) and renders the response or its event stream (render.py)."""
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from s1serve.constraints import Constraint, Limits
-from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
 from s1serve.layers.sampler import TokenLogprob
-from s1serve.sampling_params import (
-    InvalidParameterError,
-    SamplingParams,
-    check_context_length,
-    check_token_ids,
-)
+from s1serve.sampling_params import InvalidParameterError, check_token_ids
+from s1serve.serve.openai import render
 from s1serve.serve.openai.choice import ChoiceText
-from s1serve.serve.openai.errors import APIError, error_body
-from s1serve.serve.openai.grammars import json_constraint, tool_call_constraint
-from s1serve.serve.openai.metrics import ServerMetrics
-from s1serve.serve.openai.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields, random_id
-from s1serve.serve.parsers.reasoning import ReasoningParser, count_reasoning_tokens, prompt_opens_reasoning
-from s1serve.serve.parsers.response import ResponseDelta, ResponseParser
-from s1serve.serve.parsers.tool_calls import ToolCallParser
-
-
-@dataclass
-class ServingContext:
-    engine: AsyncEngine
-    tokenizer: Any  # s1serve.tokenizer.Tokenizer
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    metrics: ServerMetrics
-    reasoning_parser: type[ReasoningParser] | None
-    tool_parser: type[ToolCallParser] | None
-
-    def token_id(self, text: str) -> int:
-        ids = self.tokenizer.encode(text)
-        if len(ids) != 1:
-            raise ValueError(f"{text!r} is not a single token of this tokenizer")
-        return ids[0]
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def check_model(ctx: ServingContext, name: str | None) -> None:
-    """404 for another model's name; 503 at once while the engine is dead (no stream is started)."""
-    if ctx.engine.errored:
-        raise APIError(503, f"the engine has stopped: {ctx.engine.error}")
-    if name is not None and name != ctx.model_name:
-        raise APIError(404, f"The model '{name}' does not exist; this server serves '{ctx.model_name}'", "model")
-
-
-def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | None) -> int:
-    try:
-        return check_context_length(prompt_len, ctx.max_model_len, requested, prompt_param="messages")
-    except InvalidParameterError as exc:
-        raise APIError(400, str(exc), exc.param) from None
-
-
-def sampling_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None
-) -> SamplingParams:
-    """Engine parameters. Stop strings stay with the server, which applies them to the content only."""
-    try:
-        return SamplingParams(
-            n=req.n,
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            seed=req.seed,
-            stop_token_ids=tuple(req.stop_token_ids or ()),
-            ignore_eos=req.ignore_eos,
-            logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens,
-            spaces_between_special_tokens=req.spaces_between_special_tokens,
-            constraint=constraint,
-        )
-    except InvalidParameterError as exc:
-        raise APIError(400, str(exc), exc.param) from None
-
-
-@dataclass
-class ChoiceStep:
-    index: int
-    delta: ResponseDelta
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # the choice's final reason (tool_calls / stop / length / abort) on its last step
-
-
-@dataclass
-class Generation:
-    """One engine request (all n choices of one prompt) turned into parsed choice steps."""
-
-    ctx: ServingContext
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    choices: list[ChoiceText]
-    token_ids: list[list[int]] = field(default_factory=list)
-    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
-    finish_reasons: list[str | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        n = len(self.choices)
-        self.token_ids = [[] for _ in range(n)]
-        self.logprobs = [[] for _ in range(n)]
-        self.finish_reasons = [None] * n
-
-    async def steps(self) -> AsyncIterator[ChoiceStep]:
-        metrics = self.ctx.metrics
-        start = time.monotonic()
-        first_token_at = None
-        agen = self.ctx.engine.generate(self.prompt_ids, self.params, self.request_id)
-        try:
-            async for out in agen:
-                i = out.index
-                if self.finish_reasons[i] is not None:
-                    continue  # ended by a stop string while the engine still ran it (n > 1)
-                choice = self.choices[i]
-                if out.token_ids and first_token_at is None:
-                    first_token_at = time.monotonic()
-                    metrics.ttft.observe(first_token_at - start)
-                self.token_ids[i] += out.token_ids
-                self.logprobs[i] += out.logprobs or []
-                delta = choice.push(out.text)
-                reason = "stop" if choice.stopped else out.finish_reason
-                if reason is not None:
-                    tail = choice.finish()
-                    delta = ResponseDelta(
-                        delta.reasoning_content + tail.reasoning_content,
-                        delta.content + tail.content,
-                        delta.tool_calls + tail.tool_calls,
-                    )
-                    reason = choice.parser.finish_reason(reason)
-                    self.finish_reasons[i] = reason
-                yield ChoiceStep(i, delta, out.token_ids, out.logprobs, reason)
-                if all(r is not None for r in self.finish_reasons):
-                    break
-        except InvalidParameterError as exc:
-            raise APIError(400, str(exc), exc.param) from None
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc)) from None
-        finally:
-            await agen.aclose()  # aborts the engine request if it is still running
-            generated = sum(map(len, self.token_ids))
-            metrics.prompt_tokens.inc(len(self.prompt_ids))
-            metrics.generation_tokens.inc(generated)
-            elapsed = time.monotonic() - start
-            metrics.e2e.observe(elapsed)
-            if first_token_at is not None and generated > len(self.choices):
-                metrics.tpot.observe((time.monotonic() - first_token_at) / (generated - len(self.choices)))
-
-    async def run(self) -> None:
-        async for _ in self.steps():
-            pass
-
-
-def _parser(ctx: ServingContext, starts_in_reasoning: bool, tools: set[str] | None, parallel: bool) -> ResponseParser:
-    reasoning = ctx.reasoning_parser(starts_in_reasoning) if ctx.reasoning_parser else None
-    calls = ctx.tool_parser(tools, parallel) if ctx.tool_parser and tools is not None else None
-    return ResponseParser(reasoning, calls)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None) -> dict:
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    if reasoning_tokens is not None:
-        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
-    return usage
-
-
-async def _sse_stream(
-    metrics: ServerMetrics, endpoint: str, base: dict, chunks: AsyncIterator[dict], usage: Callable[[], dict] | None
-) -> AsyncIterator[str]:
-    """The events of one streamed response: its chunks, an error event if it fails midway, the usage chunk when asked
-    for, then [DONE]; the outcome is counted in the request metrics."""
-    outcome = "ok"
-    try:
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                yield _sse(chunk)
-    except APIError as exc:
-        outcome = "error"
-        yield _sse(error_body(exc.status, exc.message, exc.param))
-    finally:
-        metrics.requests.labels(endpoint, outcome).inc()
-    if usage is not None:
-        yield _sse({**base, "choices": [], "usage": usage()})
-    yield "data: [DONE]\n\n"
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _delta_json(delta: ResponseDelta) -> dict:
-    out: dict[str, Any] = {}
-    if delta.reasoning_content:
-        out["reasoning_content"] = delta.reasoning_content
-    if delta.content:
-        out["content"] = delta.content
-    if delta.tool_calls:
-        calls = []
-        for call in delta.tool_calls:
-            item: dict[str, Any] = {"index": call.index, "function": {"arguments": call.arguments}}
-            if call.id is not None:
-                item.update(id=call.id, type="function")
-                item["function"]["name"] = call.name
-            calls.append(item)
-        out["tool_calls"] = calls
-    return out
-
-
-def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int) -> Constraint | None:
-    """The grammar that enforces tool_choice required / named and response_format, if the request asks for one."""
-    limits = Limits.for_max_tokens(max_tokens)
-    if req.tools and req.tool_choice == "required":
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        return tool_call_constraint(tools, None, req.parallel_tool_calls, opens_reasoning, limits)
-    if req.tools and isinstance(req.tool_choice, NamedToolChoice):
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        return tool_call_constraint(tools, [req.tool_choice.function.name], False, opens_reasoning, limits)
-    if req.response_format is not None and req.response_format.type != "text":
-        schema = req.response_format.json_schema["schema"] if req.response_format.type == "json_schema" else None
-        return json_constraint(schema, opens_reasoning, limits)
-    return None
+from s1serve.serve.openai.errors import APIError
+from s1serve.serve.openai.generation import Generation
+from s1serve.serve.openai.prepare import (
+    ServingContext,
+    chat_constraint,
+    check_model,
+    resolve_max_tokens,
+    response_parser,
+    sampling_params,
+)
+from s1serve.serve.openai.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, random_id
+from s1serve.serve.parsers.reasoning import count_reasoning_tokens, prompt_opens_reasoning
+from s1serve.serve.parsers.response import ResponseParser
 
 
 class ChatServing:
@@ -282,7 +65,7 @@ class ChatServing:
         constraint = chat_constraint(req, opens_reasoning, max_tokens)
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
         choices = [
-            ChoiceText.create(_parser(ctx, starts_in_reasoning, tool_names, req.parallel_tool_calls), req.stop, req.include_stop_str_in_output)
+            ChoiceText.create(response_parser(ctx, starts_in_reasoning, tool_names, req.parallel_tool_calls), req.stop, req.include_stop_str_in_output)
             for _ in range(req.n)
         ]
         gen = Generation(ctx, random_id("chatcmpl-"), prompt_ids, params, choices)
@@ -336,17 +119,17 @@ class ChatServing:
             reasoning = sum(
                 count_reasoning_tokens(ids[:-1] if ids and ids[-1] in eos else ids, **reasoning_ids) for ids in gen.token_ids
             )
-        return _usage(len(gen.prompt_ids), sum(map(len, gen.token_ids)), reasoning)
+        return render.usage(len(gen.prompt_ids), sum(map(len, gen.token_ids)), reasoning)
 
     async def _stream(self, gen: Generation, include_usage: bool, reasoning_ids: dict | None, logprobs: bool):
         base = {"id": gen.request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.ctx.model_name}
         for i in range(len(gen.choices)):
-            yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            yield render.sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
 
         async def chunks() -> AsyncIterator[dict]:
             async with aclosing(gen.steps()) as steps:
                 async for step in steps:
-                    payload = _delta_json(step.delta)
+                    payload = render.delta_json(step.delta)
                     if payload or step.finish_reason is not None:
                         choice = {"index": step.index, "delta": payload, "finish_reason": step.finish_reason}
                         if logprobs and step.logprobs:
@@ -354,7 +137,7 @@ class ChatServing:
                         yield {**base, "choices": [choice]}
 
         usage = (lambda: self._usage(gen, reasoning_ids)) if include_usage else None
-        async for event in _sse_stream(self.ctx.metrics, "chat", base, chunks(), usage):
+        async for event in render.sse_stream(self.ctx.metrics, "chat", base, chunks(), usage):
             yield event
 
 
@@ -428,7 +211,7 @@ class CompletionServing:
                 "created": int(time.time()),
                 "model": ctx.model_name,
                 "choices": body_choices,
-                "usage": _usage(sum(len(g.prompt_ids) for g in gens), sum(len(t) for g in gens for t in g.token_ids), None),
+                "usage": render.usage(sum(len(g.prompt_ids) for g in gens), sum(len(t) for g in gens for t in g.token_ids), None),
             }
         )
 
@@ -446,7 +229,7 @@ class CompletionServing:
 
         def usage() -> dict:
             completion = sum(len(t) for g in gens for t in g.token_ids)
-            return _usage(sum(len(g.prompt_ids) for g in gens), completion, None)
+            return render.usage(sum(len(g.prompt_ids) for g in gens), completion, None)
 
-        async for event in _sse_stream(self.ctx.metrics, "completions", base, chunks(), usage if include_usage else None):
+        async for event in render.sse_stream(self.ctx.metrics, "completions", base, chunks(), usage if include_usage else None):
             yield event

@@ -1,0 +1,94 @@
+"""Running one engine request: its n choices' engine text turned into parsed choice steps, with metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from s1serve.engine.async_engine import EngineDeadError
+from s1serve.layers.sampler import TokenLogprob
+from s1serve.sampling_params import InvalidParameterError, SamplingParams
+from s1serve.serve.openai.choice import ChoiceText
+from s1serve.serve.openai.errors import APIError
+from s1serve.serve.openai.prepare import ServingContext
+from s1serve.serve.parsers.response import ResponseDelta
+
+
+@dataclass
+class ChoiceStep:
+    index: int
+    delta: ResponseDelta
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # the choice's final reason (tool_calls / stop / length / abort) on its last step
+
+
+@dataclass
+class Generation:
+    """One engine request (all n choices of one prompt) turned into parsed choice steps."""
+
+    ctx: ServingContext
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    choices: list[ChoiceText]
+    token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.choices)
+        self.token_ids = [[] for _ in range(n)]
+        self.logprobs = [[] for _ in range(n)]
+        self.finish_reasons = [None] * n
+
+    async def steps(self) -> AsyncIterator[ChoiceStep]:
+        metrics = self.ctx.metrics
+        start = time.monotonic()
+        first_token_at = None
+        agen = self.ctx.engine.generate(self.prompt_ids, self.params, self.request_id)
+        try:
+            async for out in agen:
+                i = out.index
+                if self.finish_reasons[i] is not None:
+                    continue  # ended by a stop string while the engine still ran it (n > 1)
+                choice = self.choices[i]
+                if out.token_ids and first_token_at is None:
+                    first_token_at = time.monotonic()
+                    metrics.ttft.observe(first_token_at - start)
+                self.token_ids[i] += out.token_ids
+                self.logprobs[i] += out.logprobs or []
+                delta = choice.push(out.text)
+                reason = "stop" if choice.stopped else out.finish_reason
+                if reason is not None:
+                    tail = choice.finish()
+                    delta = ResponseDelta(
+                        delta.reasoning_content + tail.reasoning_content,
+                        delta.content + tail.content,
+                        delta.tool_calls + tail.tool_calls,
+                    )
+                    reason = choice.parser.finish_reason(reason)
+                    self.finish_reasons[i] = reason
+                yield ChoiceStep(i, delta, out.token_ids, out.logprobs, reason)
+                if all(r is not None for r in self.finish_reasons):
+                    break
+        except InvalidParameterError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc)) from None
+        finally:
+            await agen.aclose()  # aborts the engine request if it is still running
+            generated = sum(map(len, self.token_ids))
+            metrics.prompt_tokens.inc(len(self.prompt_ids))
+            metrics.generation_tokens.inc(generated)
+            elapsed = time.monotonic() - start
+            metrics.e2e.observe(elapsed)
+            if first_token_at is not None and generated > len(self.choices):
+                metrics.tpot.observe((time.monotonic() - first_token_at) / (generated - len(self.choices)))
+
+    async def run(self) -> None:
+        async for _ in self.steps():
+            pass
