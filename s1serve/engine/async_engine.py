@@ -25,16 +25,13 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from s1serve.engine.client import EngineDeadError
 from s1serve.engine.engine import Engine, EngineStats
 from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import SamplingParams
 
 IDLE_TICK_S = (0.001, 0.01)  # pause between heartbeat ticks when no rank has work: doubling up to the maximum
 DEAD_JOIN_S = 2.0  # how long shutdown waits for the thread of a dead engine (it may be stuck in a collective)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error (or was shut down); no request can be served any more."""
 
 
 _DONE = object()  # end of a request's stream
@@ -129,6 +126,19 @@ class AsyncEngine:
         The Engine (and its runner's other ranks) stays up: stop it with engine.shutdown()."""
         self._commands.put(("stop",))
         self._thread.join(DEAD_JOIN_S if self.errored else None)
+
+    def close(self) -> None:
+        """shutdown(), then the Engine's own (which stops its runner's other ranks)."""
+        self.shutdown()
+        self.engine.shutdown()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
 
     def fail(self, error: BaseException) -> None:
         """Marks the engine dead (from any thread): open requests and pending calls get EngineDeadError now."""

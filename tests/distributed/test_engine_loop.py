@@ -14,7 +14,8 @@ from collections.abc import Callable
 import pytest
 
 from s1serve import LLM, SamplingParams
-from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
+from s1serve.engine.async_engine import AsyncEngine
+from s1serve.engine.client import EngineDeadError
 from s1serve.engine.engine import Engine
 from s1serve.engine.model_runner import ModelRunner, StepSequence
 

@@ -8,7 +8,8 @@ import pytest
 from engine_testing import make_llm, random_prompts
 
 from s1serve import SamplingParams
-from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
+from s1serve.engine.async_engine import AsyncEngine
+from s1serve.engine.client import EngineDeadError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) over an AsyncEngine it is handed.
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine it is handed (an EngineClient).
 
 Which processes run it, with which engine, is s1serve.entrypoints' business (entrypoints/api_server.py). An
 engine that dies answers 503 at once; when asked to, the server then exits with status 1 a few seconds later, so
@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
+from s1serve.engine.client import EngineClient, EngineDeadError
 from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
@@ -145,7 +145,7 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     return app
 
 
-def serve_http(engine: AsyncEngine, tokenizer: Tokenizer, args: argparse.Namespace, port: int,
+def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namespace, port: int,
                exit_grace_s: float | None = None) -> int:
     """Serves `engine` on `port` with the api_server flags in `args` until interrupted; stops the engine after.
     With `exit_grace_s`, an engine that dies (a worker process died, a collective failed) makes the server answer
@@ -159,8 +159,8 @@ def serve_http(engine: AsyncEngine, tokenizer: Tokenizer, args: argparse.Namespa
         engine=engine,
         tokenizer=tokenizer,
         model_name=name,
-        max_model_len=engine.engine.max_model_len,
-        vocab_size=engine.engine.vocab_size,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
         metrics=ServerMetrics(name),
         reasoning_parser=reasoning,
         tool_parser=tools,
@@ -179,8 +179,7 @@ def serve_http(engine: AsyncEngine, tokenizer: Tokenizer, args: argparse.Namespa
                 yield
         finally:
             stopping.set()
-            engine.shutdown()
-            engine.engine.shutdown()
+            engine.close()
 
     app = build_app(ctx, tuple(args.api_keys), lifespan)
     server = uvicorn.Server(

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from s1serve.engine.async_engine import EngineDeadError
+from s1serve.engine.client import EngineDeadError
 from s1serve.layers.sampler import TokenLogprob
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 from s1serve.serve.openai.choice import ChoiceText

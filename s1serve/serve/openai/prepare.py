@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from s1serve.constraints import Constraint, Limits
-from s1serve.engine.async_engine import AsyncEngine
+from s1serve.engine.client import EngineClient
 from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length
 from s1serve.serve.openai.errors import APIError
 from s1serve.serve.openai.grammars import json_constraint, tool_call_constraint
@@ -20,7 +20,7 @@ from s1serve.serve.parsers.tool_calls import ToolCallParser
 
 @dataclass
 class ServingContext:
-    engine: AsyncEngine
+    engine: EngineClient
     tokenizer: Any  # s1serve.tokenizer.Tokenizer
     model_name: str
     max_model_len: int

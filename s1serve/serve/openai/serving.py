@@ -1,4 +1,4 @@
-"""Chat and text completions over the AsyncEngine: each handler prepares the request (prepare.py), runs it
+"""Chat and text completions over an EngineClient: each handler prepares the request (prepare.py), runs it
 (generation.py) and renders the response or its event stream (render.py)."""
 
 from __future__ import annotations

@@ -1,0 +1,40 @@
+"""EngineClient: everything the HTTP server asks of an engine. AsyncEngine (the engine loop in a thread of this
+process) implements it; an engine in another process can stand behind the same interface."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from s1serve.engine.engine import EngineStats
+from s1serve.engine.outputs import OutputDelta
+from s1serve.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error (or was shut down); no request can be served any more."""
+
+
+class EngineClient(Protocol):
+    max_model_len: int  # prompt + output tokens a request may have
+    vocab_size: int  # the model's vocabulary (token ids 0..vocab_size - 1)
+
+    @property
+    def errored(self) -> bool: ...
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine is dead (None while it lives)."""
+
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        """Calls `callback(error)` once when the engine dies (at once if it is dead already)."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[OutputDelta]:
+        """The request's deltas until every sample has finished; closing the iterator aborts the request."""
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def stats(self) -> EngineStats: ...
+
+    def close(self) -> None:
+        """Ends open requests and stops the engine (and its runner's other ranks)."""
