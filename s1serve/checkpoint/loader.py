@@ -169,7 +169,8 @@ def load_into(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{reader.model_dir}: missing tensor '{missing[0]}'{more}")
     unexpected = [
-        n for n in reader.names() if n not in targets and n not in elsewhere and not (ignored_prefixes and n.startswith(ignored_prefixes))
+        n for n in reader.names()
+        if n not in targets and n not in elsewhere and not (ignored_prefixes and n.startswith(ignored_prefixes))
     ]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""

@@ -56,7 +56,8 @@ def model(tiny_checkpoint: Path):
 def test_every_vision_tensor_is_loaded_as_stored(tiny_checkpoint: Path, model):
     stored = stored_vision_tensors(tiny_checkpoint)
     held = held_vision_tensors(model)
-    assert model.has_vision and set(held) == set(stored) and len(stored) == 3 + 12 * 2 + 6  # patch embed + pos table, 2 blocks, merger
+    # patch embedding and position table, 2 blocks of 12 tensors, the merger
+    assert model.has_vision and set(held) == set(stored) and len(stored) == 3 + 12 * 2 + 6
     for name, tensor in stored.items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(held[name], tensor.float()), name

@@ -31,7 +31,7 @@ REGENERATE = "regenerate the goldens as tests/fixtures/multimodal/README.md says
 
 
 def prompt_pixels(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt's pixel_values (its media items' rows, in order) and grid_thw, as the reference processor made them."""
+    """The prompt's pixel_values (its media items' rows, in order) and grid_thw, as the reference processor gave."""
     pixels = torch.cat([PIXELS[MEDIA_KEY[f]] for f in p["images"] + p["videos"]])
     return pixels, torch.tensor(p["grid_thw"])
 
@@ -91,7 +91,7 @@ def test_vision_features_equal_reference(name, mm_model):
 def test_items_encoded_together_equal_items_encoded_alone(mm_model):
     """Attention stays inside each picture and each frame group: batching items changes nothing."""
     panda, crop, clip = (PIXELS[k] for k in ("panda", "crop", "clip"))
-    grids = [PROMPTS["two_images"]["grid_thw"][0], PROMPTS["two_images"]["grid_thw"][1], PROMPTS["video"]["grid_thw"][0]]
+    grids = [*PROMPTS["two_images"]["grid_thw"], PROMPTS["video"]["grid_thw"][0]]
     together = mm_model.encode_images(torch.cat([panda, crop, clip]), torch.tensor(grids))
     alone = torch.cat([mm_model.encode_images(px, torch.tensor([g])) for px, g in zip((panda, crop, clip), grids)])
     assert float((together - alone).abs().max()) <= 1e-5
