@@ -295,6 +295,11 @@ def _parse_vision(data: dict[str, Any], where: str) -> VisionConfig:
     )
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"{where}: hidden_size ({cfg.hidden_size}) must be a multiple of num_heads ({cfg.num_heads})")
+    if cfg.hidden_act != "gelu_pytorch_tanh":
+        raise ConfigError(f"{where}: hidden_act '{cfg.hidden_act}' is not supported (only 'gelu_pytorch_tanh')")
+    if (cfg.hidden_size // cfg.num_heads) % 4:
+        raise ConfigError(f"{where}: hidden_size / num_heads ({cfg.hidden_size // cfg.num_heads}) must be a multiple "
+                          "of 4 for the 2-D rotary encoding")
     side = math.isqrt(cfg.num_position_embeddings)
     if side * side != cfg.num_position_embeddings:
         raise ConfigError(f"{where}: num_position_embeddings ({cfg.num_position_embeddings}) must be a square")

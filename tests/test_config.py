@@ -45,6 +45,8 @@ def test_text_only_model_type_parses():
         (lambda c: c["text_config"].update(num_experts_per_tok=12), "num_experts_per_tok (12) must be a multiple of router_n_groups (8)"),
         (lambda c: c["text_config"].update(hidden_size="4096"), "field 'hidden_size' must be int"),
         (lambda c: c["vision_config"].update(out_hidden_size=1024), "out_hidden_size (1024) must equal text_config.hidden_size (4096)"),
+        (lambda c: c["vision_config"].update(hidden_act="quick_gelu"), "hidden_act 'quick_gelu' is not supported (only 'gelu_pytorch_tanh')"),
+        (lambda c: c["vision_config"].update(num_heads=512), "hidden_size / num_heads (2) must be a multiple of 4"),
         (lambda c: c["quantization_config"].update(quant_method="awq"), "quant_method 'awq' is not supported (supported: quant_method 'fp8'"),
         (lambda c: c["quantization_config"].update(quant_method="gptq"), "quant_method 'gptq' is not supported"),
         (lambda c: c["quantization_config"].update(fmt="e5m2"), "fmt 'e5m2' is not supported"),

@@ -4,7 +4,8 @@ Weights are copied straight from the mapped file into the model's (already alloc
 is never held twice in memory. A sharded model asks for parts: a Target names the slice [start, stop) along one
 dimension of a checkpoint tensor, and only that slice is read (safetensors `get_slice`), so no rank ever holds a
 full copy of a tensor it splits. Tensors that other ranks load (experts of other EP ranks) are passed as
-`elsewhere`: they are neither read, nor required, nor refused as unexpected.
+`elsewhere`: they are neither read, nor required, nor refused as unexpected. A model built without a vision tower
+passes `ignored_prefixes` (VISION_PREFIX) so that a checkpoint's vision tensors do not make it refuse to load.
 The reader takes checkpoints as their writers name them (huggingface_hub names index and shards after the
 writer's filename_pattern; one file needs no index) and experts stored fused (fused_experts.py) as per-expert ones.
 """
@@ -28,8 +29,7 @@ FP8_SAFETENSORS_DTYPE = "F8_E4M3"
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Tensors of parts s1serve does not build yet are skipped, never silently misread.
-IGNORED_PREFIXES = ("model.visual.",)
+VISION_PREFIX = "model.visual."  # the vision tower's tensors
 
 
 @dataclass(frozen=True)
@@ -156,15 +156,21 @@ class CheckpointReader:
         return tensor
 
 
-def load_into(targets: dict[str, Target], reader: CheckpointReader, elsewhere: Collection[str] = ()) -> None:
+def load_into(
+    targets: dict[str, Target],
+    reader: CheckpointReader,
+    elsewhere: Collection[str] = (),
+    ignored_prefixes: tuple[str, ...] = (),
+) -> None:
     """Copies every checkpoint tensor (or its part) into its target, shard by shard; names the first problem it
-    meets. `elsewhere`: names other ranks load, skipped here."""
+    meets. `elsewhere`: names other ranks load, skipped here; `ignored_prefixes`: parts the model does not have."""
     missing = [name for name in targets if name not in reader]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{reader.model_dir}: missing tensor '{missing[0]}'{more}")
     unexpected = [
-        n for n in reader.names() if n not in targets and n not in elsewhere and not n.startswith(IGNORED_PREFIXES)
+        n for n in reader.names()
+        if n not in targets and n not in elsewhere and not (ignored_prefixes and n.startswith(ignored_prefixes))
     ]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""

@@ -21,13 +21,12 @@ import torch
 from tqdm import tqdm
 
 from s1serve.checkpoint.fp8 import BLOCK, FP8_DTYPE, quantize_blocks, scale_name, scale_shape
-from s1serve.checkpoint.loader import CheckpointReader
+from s1serve.checkpoint.loader import VISION_PREFIX, CheckpointReader
 from s1serve.checkpoint.stream import DTYPES, SafetensorsFile, TensorInfo, Unit, write_sharded
 from s1serve.config import load_model_config
 from s1serve.errors import CheckpointError, ConfigError
 
 _QUANTISED = re.compile(r"\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)\.weight$")
-VISION_PREFIX = "model.visual."
 DEFAULT_SHARD_SIZE = "5GB"
 WEIGHT_FILES = (".safetensors", ".safetensors.index.json")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,

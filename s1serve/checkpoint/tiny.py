@@ -34,7 +34,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             intermediate_size=128, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4,
             router_n_groups=2,
         ),
-        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=64),
+        # Two blocks, so that golden features also check how blocks chain; a 8x8 position table, so that real
+        # image grids interpolate it.
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=64),
         shard_bytes=24 << 20,
     ),
     # What benchmarks use: the published proportions at 1/4 width.

@@ -5,7 +5,8 @@ takes a flat batch of tokens from many sequences with their positions and the pa
 
 Built with a ParallelContext, the model holds only this rank's shard: attention heads, the vocabulary and (without
 EP) each expert's intermediate dimension split over tp; experts partitioned over ep; norms, router and (without
-sep_head) the FoPE coefficients replicated. `checkpoint_targets` says which slice of which checkpoint tensor
+sep_head) the FoPE coefficients replicated; the vision tower (vision.py), when the checkpoint has one, whole on
+every rank. `checkpoint_targets` says which slice of which checkpoint tensor
 each parameter receives, so loading reads only that slice. Under DP attention with EP every rank calls either
 `forward` (with its tokens) or `idle_step` (without) in each step, since MoE layers exchange tokens.
 """
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from s1serve.checkpoint.fope import fope_coef_shape
-from s1serve.checkpoint.loader import Target
+from s1serve.checkpoint.loader import VISION_PREFIX, Target
 from s1serve.config import ModelConfig, TextConfig
 from s1serve.errors import ConfigError
 from s1serve.layers.attention import Attention, AttentionBatch, KVCache, kv_head_range
@@ -24,6 +25,7 @@ from s1serve.layers.linear import ParallelLMHead, ShardedWeight, VocabParallelEm
 from s1serve.layers.moe import PROJECTIONS, DenseMLP, Fp8SparseMoE, SparseMoE, exchange_token_counts
 from s1serve.layers.norm import RMSNorm
 from s1serve.layers.rotary import FourierEmbedding, build_position_encoding
+from s1serve.models.vision import VisionTower
 from s1serve.parallel.context import ParallelContext
 
 
@@ -82,14 +84,48 @@ class InternS1ProForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, parallel)
+        self.visual = VisionTower(config.vision) if config.vision is not None else None
         for param in self.parameters():
             param.requires_grad_(False)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[KVCache], batch: AttentionBatch
+    @property
+    def has_vision(self) -> bool:
+        return self.visual is not None
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Vision features [sum(t*h*w) / merge^2, hidden] of processed images or video frames (vision.py), one
+        row per `<|image_pad|>`/`<|video_pad|>` token, items in order."""
+        if self.visual is None:
+            raise ConfigError("this checkpoint has no vision tower (no vision_config or no model.visual.* tensors): "
+                              "it takes text only")
+        return self.visual(pixel_values, grid_thw)
+
+    def embed(
+        self, input_ids: torch.Tensor, media_rows: torch.Tensor | None = None, media_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
+        """Token embeddings [T, hidden]; with media, rows `media_rows` (the pad tokens' rows, in order) are replaced
+        by `media_embeds` (encode_images output), as the reference scatters them into the placeholders."""
         x = self.embed_tokens(input_ids)
+        if media_rows is None:
+            return x
+        if media_embeds is None or media_embeds.shape != (media_rows.numel(), x.shape[1]):
+            got = None if media_embeds is None else list(media_embeds.shape)
+            raise ValueError(f"media_embeds must be [{media_rows.numel()}, {x.shape[1]}] for {media_rows.numel()} "
+                             f"media rows, got {got}")
+        return x.index_copy(0, media_rows.to(x.device), media_embeds.to(x.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        caches: list[KVCache],
+        batch: AttentionBatch,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns the final hidden states [T, hidden]. `inputs_embeds` [T, hidden]
+        (from `embed`, e.g. with vision features in place) replaces the embedding of input_ids. Positions are plain
+        token positions for text and media alike, as in the reference."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = (table.to(x.dtype) for table in self.rotary_emb(positions))  # once, not in every layer
         token_counts = exchange_token_counts(x.shape[0], self.parallel, x.device)
         for layer, cache in zip(self.layers, caches):
@@ -125,6 +161,9 @@ class InternS1ProForCausalLM(nn.Module):
         targets: dict[str, Target] = {}
         for name, param in self.named_parameters():
             owner, _, leaf = name.rpartition(".")
+            if name.startswith("visual."):
+                targets[VISION_PREFIX + name.removeprefix("visual.")] = Target.whole(param)  # replicated
+                continue
             checkpoint_name = name if name.startswith("lm_head.") else prefix + name
             if owner in moes or (owner in sharded and leaf != "weight"):
                 continue  # expert stacks and FP8 scales: their modules name the tensors they read (below)
@@ -137,6 +176,10 @@ class InternS1ProForCausalLM(nn.Module):
         for name, moe in moes.items():
             targets.update(moe.checkpoint_targets(f"{prefix}{name}."))
         return targets
+
+    def checkpoint_prefixes_ignored(self) -> tuple[str, ...]:
+        """Checkpoint parts this model does not build: the vision tensors when it has no vision tower."""
+        return () if self.has_vision else (VISION_PREFIX,)
 
     def checkpoint_names_elsewhere(self) -> set[str]:
         """Checkpoint tensors that other EP ranks load (their experts): this rank neither reads nor refuses them."""

@@ -7,13 +7,15 @@ allocated) and reads only its slices of the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from s1serve.checkpoint.loader import CheckpointReader, load_into
+from s1serve.checkpoint.loader import VISION_PREFIX, CheckpointReader, load_into
 from s1serve.config import ModelConfig, load_model_config
 from s1serve.errors import ConfigError
 from s1serve.models.interns1_pro import InternS1ProForCausalLM
@@ -24,6 +26,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "interns1_pro_text": InternS1ProForCausalLM,
     "qwen3_moe": InternS1ProForCausalLM,
 }
+log = logging.getLogger("s1serve.models")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,7 +71,16 @@ def load_model(
     device: str | torch.device = "cpu",
     parallel: ParallelContext = ParallelContext.single(),
 ) -> nn.Module:
+    """The model (this rank's shard) with its weights. A config with a vision_config whose checkpoint holds no
+    vision tensors (a text-only export) loads text-only: `model.has_vision` is then False."""
     config = load_model_config(model_dir)
+    reader = CheckpointReader(model_dir)
+    if config.vision is not None and not any(name.startswith(VISION_PREFIX) for name in reader.names()):
+        log.warning("%s: config.json has a vision_config but the checkpoint holds no %s* tensors: loading the text "
+                    "decoder only (no vision tower; image and video inputs will be refused)", model_dir, VISION_PREFIX)
+        config = dataclasses.replace(config, vision=None)
     model = build_model(config, dtype, device, parallel)
-    load_into(model.checkpoint_targets(), CheckpointReader(model_dir), model.checkpoint_names_elsewhere())
+    load_into(
+        model.checkpoint_targets(), reader, model.checkpoint_names_elsewhere(), model.checkpoint_prefixes_ignored()
+    )
     return model
