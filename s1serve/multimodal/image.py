@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,10 @@ from s1serve.multimodal.errors import MediaError
 
 # The reference refuses a more elongated image in its smart resize.
 MAX_ASPECT_RATIO = 200
+
+# PIL warns on open for images between its limit and twice it; check_image_size refuses them with a clear error
+# right after, so the warning would only be noise in the server's log.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
