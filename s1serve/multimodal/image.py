@@ -124,7 +124,7 @@ def normalize_frames(frames: torch.Tensor, config: VisionProcessingConfig) -> to
     """uint8 [N, 3, H, W] -> float32: (x / 255 - mean) / std, computed as the reference's fused form."""
     mean = torch.tensor(config.image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(config.image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    return (frames.to(torch.float32) - mean) / std
+    return frames.to(torch.float32).sub_(mean).div_(std)
 
 
 def frames_to_patches(frames: torch.Tensor, config: VisionProcessingConfig) -> VisualPatches:

@@ -188,24 +188,26 @@ def _decode_frames(
     label: str,
 ) -> torch.Tensor:
     """uint8 [len(indices), 3, height, width]: the listed frames (repeats allowed), resized as decoded."""
-    wanted = set(indices)
     last = indices[-1]
     stream.thread_type = "AUTO"
-    resized: dict[int, torch.Tensor] = {}
+    frames = torch.empty((len(indices), 3, height, width), dtype=torch.uint8)
+    slots: dict[int, list[int]] = {}
+    for slot, index in enumerate(indices):
+        slots.setdefault(index, []).append(slot)
     decoded = 0
     for i, frame in enumerate(container.decode(stream)):
         if i > last:
             break
         decoded = i + 1
-        if i in wanted:
+        if i in slots:
             rgb = rgb_to_tensor(frame.to_ndarray(format="rgb24")).unsqueeze(0).contiguous()
-            resized[i] = resize_frames(rgb, height, width)[0]
-    if missing := sorted(wanted - resized.keys()):
+            frames[slots.pop(i)] = resize_frames(rgb, height, width)[0]
+    if slots:
         raise MediaError(
-            f"{label}: only {decoded} frames could be decoded but frame {missing[0]} was needed "
+            f"{label}: only {decoded} frames could be decoded but frame {min(slots)} was needed "
             f"(the header declares {stream.frames}): the file is truncated or corrupt"
         )
-    return torch.stack([resized[i] for i in indices])
+    return frames
 
 
 def video_prompt(timestamps: list[float], tokens_per_group: int, start: str, pad: str, end: str) -> str:
