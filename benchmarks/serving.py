@@ -14,7 +14,8 @@ Load points: `--concurrency C` keeps C requests in flight (C x --requests-per-cl
 --num-prompts requests at Poisson arrivals of R per second (seeded), at most --max-concurrency in flight.
 Per point: TTFT, TPOT ((end-to-end - TTFT) / (tokens - 1)), ITL (gaps between streamed events; an event may carry
 more than one token) and end-to-end latency, p50 and p99; output tok/s and requests/s over the point's wall time;
-goodput = requests/s of those that met every --slo-* given.
+goodput = requests/s of those that met every --slo-* given. Latencies count from the moment a request is sent (under
+a cap, a Poisson arrival may wait for a slot first).
 
 --server NAME[=COMMAND] starts a server for its turn and stops it after (one server at a time): NAME alone is a
 preset (s1serve, vllm: benchmarks/peers/vllm_cpu.sh); COMMAND may use {model}, {port} and {python}. Rounds
