@@ -216,7 +216,11 @@ class Server:
             log.write(f"\n$ {shlex.join(argv)}\n")
             log.flush()
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.model, self.version = self._wait_ready(start_timeout)
+        try:
+            self.model, self.version = self._wait_ready(start_timeout)
+        except BaseException:  # not ready, or the run interrupted while it starts: leave no server behind
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float) -> tuple[str, str | None]:
         deadline = time.monotonic() + timeout
@@ -227,7 +231,6 @@ class Server:
                 return served_model(self.url)
             except (OSError, ValueError, KeyError, IndexError):
                 time.sleep(0.5)
-        self.stop()
         raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log}")
 
     def stop(self) -> None:
