@@ -31,12 +31,14 @@ ALLOWED: dict[str, set[str]] = {
     "sampling_params": {"errors", "config", "constraints"},
     "checkpoint": {"errors", "assets", "config"},
     "tokenizer": {"errors", "assets", "config"},
+    # Media decoding and prompt expansion: beside the tokenizer, below the engine (which only sees features).
+    "multimodal": LOW,
     "layers": LOW,
     "models": LOW | {"layers"},
     "engine": LOW | {"layers", "models"},
     "distributed": LOW | {"layers", "models", "engine"},
-    "serve": LOW | {"layers", "models", "engine"},
-    "entrypoints": LOW | {"layers", "models", "engine", "distributed", "serve"},
+    "serve": LOW | {"layers", "models", "engine", "multimodal"},
+    "entrypoints": LOW | {"layers", "models", "engine", "distributed", "serve", "multimodal"},
 }
 # Front doors above every layer: the package's lazy `LLM` re-export, `python -m s1serve` and the CLI shim.
 FRONT = {"__init__", "__main__", "cli"}
