@@ -29,8 +29,9 @@ from s1serve.serve.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from s1serve.serve.openai.prepare import ServingContext
+from s1serve.serve.openai.prepare import ServingContext, render_chat_prompt
 from s1serve.serve.openai.serving import ChatServing, CompletionServing
+from s1serve.serve.openai.unicode_check import RejectLoneSurrogates
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import advertised_url, proxy_membership
 from s1serve.tokenizer import Tokenizer
@@ -119,10 +120,9 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
         if body.messages is not None:
-            prompt = ctx.tokenizer.apply_chat_template(
-                [m.model_dump(exclude_none=True) for m in body.messages],
-                add_generation_prompt=body.add_generation_prompt,
-                **(body.chat_template_kwargs or {}),
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            prompt = render_chat_prompt(
+                ctx.tokenizer, messages, None, body.add_generation_prompt, body.chat_template_kwargs
             )
         else:
             prompt = body.prompt
@@ -183,7 +183,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
 
     app = build_app(ctx, tuple(args.api_keys), lifespan)
     server = uvicorn.Server(
-        uvicorn.Config(BodySizeLimit(app, MAX_BODY_BYTES), host=args.server_name, port=port, log_level=args.log_level)
+        uvicorn.Config(BodySizeLimit(RejectLoneSurrogates(app), MAX_BODY_BYTES), host=args.server_name, port=port, log_level=args.log_level)
     )
 
     def exit_soon(error: BaseException) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from s1serve.constraints import Constraint, Limits
+from s1serve.constraints import Constraint, Limits, StructuredOutputError
 from s1serve.engine.client import EngineClient
 from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length
 from s1serve.serve.openai.errors import APIError
@@ -36,7 +36,24 @@ class ServingContext:
         return ids[0]
 
     def token_text(self, token_id: int) -> str:
+        """A token's text for logprobs. Ids past the tokenizer's table (the lm_head's padding rows: 155008 rows
+        for 154766 tokens) are valid model outputs with no text, as the engine's text output treats them."""
+        if token_id >= self.tokenizer.vocab_size:
+            return ""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def render_chat_prompt(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool, kwargs: dict | None
+) -> str:
+    """The chat template applied to a request's messages; a template error, or chat_template_kwargs that clash with
+    the template's own arguments (`messages`, `tools`), is the request's fault (400)."""
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, **(kwargs or {})
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise APIError(400, f"messages cannot be rendered with the chat template: {exc}", "messages") from None
 
 
 def check_model(ctx: ServingContext, name: str | None) -> None:
@@ -88,15 +105,21 @@ def response_parser(ctx: ServingContext, starts_in_reasoning: bool, tools: set[s
 
 
 def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int) -> Constraint | None:
-    """The grammar that enforces tool_choice required / named and response_format, if the request asks for one."""
+    """The grammar that enforces tool_choice required / named and response_format, if the request asks for one;
+    tools or a schema no grammar can be built from are the request's fault (400 naming the field)."""
     limits = Limits.for_max_tokens(max_tokens)
-    if req.tools and req.tool_choice == "required":
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        return tool_call_constraint(tools, None, req.parallel_tool_calls, opens_reasoning, limits)
-    if req.tools and isinstance(req.tool_choice, NamedToolChoice):
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        return tool_call_constraint(tools, [req.tool_choice.function.name], False, opens_reasoning, limits)
-    if req.response_format is not None and req.response_format.type != "text":
-        schema = req.response_format.json_schema["schema"] if req.response_format.type == "json_schema" else None
-        return json_constraint(schema, opens_reasoning, limits)
+    field = "tools"
+    try:
+        if req.tools and req.tool_choice == "required":
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            return tool_call_constraint(tools, None, req.parallel_tool_calls, opens_reasoning, limits)
+        if req.tools and isinstance(req.tool_choice, NamedToolChoice):
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            return tool_call_constraint(tools, [req.tool_choice.function.name], False, opens_reasoning, limits)
+        field = "response_format"
+        if req.response_format is not None and req.response_format.type != "text":
+            schema = req.response_format.json_schema["schema"] if req.response_format.type == "json_schema" else None
+            return json_constraint(schema, opens_reasoning, limits)
+    except StructuredOutputError as exc:
+        raise APIError(400, str(exc), field) from None
     return None

@@ -19,6 +19,7 @@ from s1serve.serve.openai.prepare import (
     ServingContext,
     chat_constraint,
     check_model,
+    render_chat_prompt,
     resolve_max_tokens,
     response_parser,
     sampling_params,
@@ -35,12 +36,9 @@ class ChatServing:
     def render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
-        try:
-            prompt = self.ctx.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
-            )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise APIError(400, f"messages cannot be rendered with the chat template: {exc}", "messages") from None
+        prompt = render_chat_prompt(
+            self.ctx.tokenizer, messages, tools, req.add_generation_prompt, req.chat_template_kwargs
+        )
         return prompt, self.ctx.tokenizer.encode(prompt)
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:
