@@ -102,7 +102,7 @@ class Limits:
 class Constraint:
     """A grammar in llguidance's Lark dialect; equal constraints share one compiled grammar."""
 
-    kind: str  # "tool_calls" or "json"
+    kind: str  # "tool_calls", "json" or "reasoning_budget"
     grammar: str
 
 
@@ -172,6 +172,21 @@ def json_constraint(
         *_reasoning_rules(starts_in_reasoning, limits),
     ]
     return Constraint("json", "\n".join(lines))
+
+
+def reasoning_budget_constraint(limits: Limits) -> Constraint:
+    """A thinking budget on a free answer (the Messages API's `thinking.budget_tokens`): at most
+    `limits.reasoning_tokens` tokens of reasoning, then `</think>`, then any text, tool-call tags included.
+    Only for a prompt that opens the reasoning."""
+    if limits.reasoning_tokens is None:
+        raise StructuredOutputError("a reasoning budget needs Limits.reasoning_tokens")
+    lines = [
+        f"start: {_reasoning_prefix(True, limits)}answer",
+        f"answer: (TEXT | {TOOL_CALL_START} | {TOOL_CALL_END})*",
+        r"TEXT: /(?s:.+)/",
+        *_reasoning_rules(True, limits),
+    ]
+    return Constraint("reasoning_budget", "\n".join(lines))
 
 
 def _functions(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:

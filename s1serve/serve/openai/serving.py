@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from s1serve.engine.async_engine import AsyncEngine, EngineDeadError
-from s1serve.engine.structured_output import Constraint, Limits, json_constraint, tool_call_constraint
+from s1serve.engine.structured_output import (
+    Constraint, Limits, json_constraint, reasoning_budget_constraint, tool_call_constraint,
+)
 from s1serve.layers.sampler import TokenLogprob
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 from s1serve.serve.openai.choice import ChoiceText
@@ -144,12 +146,7 @@ class Generation:
                 delta = choice.push(out.text)
                 reason = "stop" if choice.stopped else out.finish_reason
                 if reason is not None:
-                    tail = choice.finish()
-                    delta = ResponseDelta(
-                        delta.reasoning_content + tail.reasoning_content,
-                        delta.content + tail.content,
-                        delta.tool_calls + tail.tool_calls,
-                    )
+                    delta = delta.then(choice.finish())
                     reason = choice.parser.finish_reason(reason)
                     self.finish_reasons[i] = reason
                 yield ChoiceStep(i, delta, out.token_ids, out.logprobs, reason)
@@ -235,9 +232,14 @@ def _delta_json(delta: ResponseDelta) -> dict:
     return out
 
 
-def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int) -> Constraint | None:
-    """The grammar that enforces tool_choice required / named and response_format, if the request asks for one."""
+def chat_constraint(
+    req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int, reasoning_budget: int | None = None
+) -> Constraint | None:
+    """The grammar that enforces tool_choice required / named, response_format and a reasoning budget (at most
+    that many reasoning tokens, then `</think>`), if the request asks for one."""
     limits = Limits.for_max_tokens(max_tokens)
+    if reasoning_budget is not None:
+        limits = replace(limits, reasoning_tokens=reasoning_budget)
     if req.tools and req.tool_choice == "required":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
         return tool_call_constraint(tools, None, req.parallel_tool_calls, opens_reasoning, limits)
@@ -247,7 +249,16 @@ def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_token
     if req.response_format is not None and req.response_format.type != "text":
         schema = req.response_format.json_schema["schema"] if req.response_format.type == "json_schema" else None
         return json_constraint(schema, opens_reasoning, limits)
+    if reasoning_budget is not None and opens_reasoning:
+        return reasoning_budget_constraint(limits)
     return None
+
+
+@dataclass
+class PreparedChat:
+    gen: Generation
+    reasoning_ids: dict | None  # count_reasoning_tokens' arguments, None without a reasoning parser
+    usage: Callable[[], dict]  # the chat usage object of the generation so far
 
 
 class ChatServing:
@@ -272,7 +283,9 @@ class ChatServing:
 
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
 
-    async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    def prepare(self, req: ChatCompletionRequest, reasoning_budget: int | None = None) -> PreparedChat:
+        """Render, limits, sampling parameters, constraint and parsers of a chat request, ready to run. The
+        Responses and Messages APIs translate their requests into a chat request and run it through here too."""
         ctx = self.ctx
         check_model(ctx, req.model)
         prompt, prompt_ids = self.render(req)
@@ -284,7 +297,7 @@ class ChatServing:
             tool_names = {t.function.name for t in req.tools}
             if isinstance(req.tool_choice, NamedToolChoice):
                 tool_names = {req.tool_choice.function.name}
-        constraint = chat_constraint(req, opens_reasoning, max_tokens)
+        constraint = chat_constraint(req, opens_reasoning, max_tokens, reasoning_budget)
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
         choices = [
             ChoiceText.create(_parser(ctx, starts_in_reasoning, tool_names, req.parallel_tool_calls), req.stop, req.include_stop_str_in_output)
@@ -299,6 +312,12 @@ class ChatServing:
                 think_end_id=ctx.token_id("</think>"),
                 tool_call_start_id=ctx.token_id("<tool_call>") if tool_names is not None else None,
             )
+        return PreparedChat(gen, reasoning_ids, lambda: self._usage(gen, reasoning_ids))
+
+    async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        ctx = self.ctx
+        prepared = self.prepare(req)
+        gen, choices, reasoning_ids = prepared.gen, prepared.gen.choices, prepared.reasoning_ids
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(gen, include_usage, reasoning_ids, req.logprobs), media_type="text/event-stream")
