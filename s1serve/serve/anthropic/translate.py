@@ -100,6 +100,15 @@ def _user(content: Any, where: str, tool_use_ids: set[str]) -> list[dict]:
     return messages
 
 
+def _user_parts(message: dict, where: str) -> list[dict]:
+    """The text blocks of a system message."""
+    blocks = _blocks(message.get("content"), where)
+    for k, block in enumerate(blocks):
+        if block.get("type") != "text":
+            raise _bad(f"{where}.content[{k}]: a system message holds text blocks only, got {block.get('type')!r}")
+    return [{"type": "text", "text": _text(b, f"{where}.content[{k}]")} for k, b in enumerate(blocks)]
+
+
 def _assistant(content: Any, where: str, tool_use_ids: set[str]) -> dict:
     text: list[str] = []
     reasoning: list[str] = []
@@ -145,8 +154,10 @@ def chat_messages(req: CountTokensRequest) -> list[dict]:
             messages += _user(message.get("content"), where, tool_use_ids)
         elif role == "assistant":
             messages.append(_assistant(message.get("content"), where, tool_use_ids))
+        elif role == "system":  # Claude Code sends system messages between turns
+            messages.append({"role": "system", "content": "".join(p["text"] for p in _user_parts(message, where))})
         else:
-            raise _bad(f"{where}.role must be 'user' or 'assistant', got {role!r}")
+            raise _bad(f"{where}.role must be 'user', 'assistant' or 'system', got {role!r}")
     return messages
 
 
