@@ -288,3 +288,13 @@ def test_odd_bodies_are_400_never_500(api_server, route, body):
     error = reply.json()
     message = error["error"]["message"]
     assert message and (error.get("type") == "error") == (route == "messages")
+
+
+def test_messages_system_message_between_turns_is_rendered(anthropic_client):
+    """Claude Code sends `system` role messages inside `messages`; they reach the prompt as system turns."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with_system = turns + [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "and?"}]
+    without = turns + [{"role": "user", "content": "and?"}]
+    a = anthropic_client.messages.count_tokens(model=MODEL, messages=with_system).input_tokens
+    b = anthropic_client.messages.count_tokens(model=MODEL, messages=without).input_tokens
+    assert a > b
