@@ -67,6 +67,13 @@ def test_responses_weather_walkthrough(client):
         assert final.output and final.usage.input_tokens > first.usage.input_tokens
         assert final.status in ("completed", "incomplete")
     assert by_id.usage.input_tokens == by_items.usage.input_tokens  # the same conversation either way
+    assert client.responses.retrieve(first.id).output[0].id == first.output[0].id
+
+
+def test_responses_not_stored_cannot_be_continued(client):
+    unstored = client.responses.create(model=MODEL, input="hi", max_output_tokens=4, store=False)
+    with pytest.raises(BadRequestError, match="unknown or was evicted"):
+        client.responses.create(model=MODEL, input="more", previous_response_id=unstored.id, max_output_tokens=4)
 
 
 def test_responses_weather_walkthrough_streamed(client):
@@ -276,6 +283,8 @@ ODD_BODIES = [
     ("messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": "tool"}}),
     ("messages", {"max_tokens": 4, "messages": []}),
     ("messages", [1, 2]),
+    ("messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "mcp_servers": [{"url": "x"}]}),
+    ("responses", {"input": "hi", "background": True}),
 ]
 
 

@@ -21,6 +21,7 @@ from s1serve.serve.openai.protocol import ChatCompletionRequest
 USER_BLOCKS = ("text", "image", "tool_result")
 ASSISTANT_BLOCKS = ("text", "thinking", "redacted_thinking", "tool_use")
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+REFUSED_FIELDS = ("container", "mcp_servers")  # server-side features this server does not have
 
 
 @dataclass
@@ -187,6 +188,9 @@ def _validate(body: dict[str, Any]) -> ChatCompletionRequest:
 
 
 def _common(req: CountTokensRequest) -> dict[str, Any]:
+    for name in REFUSED_FIELDS:
+        if (req.model_extra or {}).get(name):
+            raise _bad(f"{name} is not supported by this server")
     body: dict[str, Any] = {"model": req.model, "messages": chat_messages(req), "tools": _tools(req)}
     choice = req.tool_choice
     if choice is not None:

@@ -23,6 +23,7 @@ from s1serve.serve.responses.store import ResponseStore
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+REFUSED_FIELDS = ("background", "conversation", "prompt")  # server-side features this server does not have
 
 
 @dataclass
@@ -161,6 +162,9 @@ def _response_format(req: ResponsesRequest) -> dict | None:
 
 
 def to_chat(req: ResponsesRequest, store: ResponseStore) -> ChatTranslation:
+    for name in REFUSED_FIELDS:
+        if (req.model_extra or {}).get(name):
+            raise _bad(f"{name} is not supported by this server", name)
     history: list[dict] = []
     known: frozenset[str] = frozenset()
     if req.previous_response_id is not None:
