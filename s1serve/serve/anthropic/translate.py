@@ -101,13 +101,13 @@ def _user(content: Any, where: str, tool_use_ids: set[str]) -> list[dict]:
     return messages
 
 
-def _user_parts(message: dict, where: str) -> list[dict]:
-    """The text blocks of a system message."""
-    blocks = _blocks(message.get("content"), where)
+def _system_text(content: Any, where: str) -> str:
+    """The text of `system` or of a system message: a string or text blocks (joined by newlines)."""
+    blocks = _blocks(content, where)
     for k, block in enumerate(blocks):
         if block.get("type") != "text":
-            raise _bad(f"{where}.content[{k}]: a system message holds text blocks only, got {block.get('type')!r}")
-    return [{"type": "text", "text": _text(b, f"{where}.content[{k}]")} for k, b in enumerate(blocks)]
+            raise _bad(f"{where}.content[{k}]: system text holds text blocks only, got {block.get('type')!r}")
+    return "\n".join(_text(b, f"{where}.content[{k}]") for k, b in enumerate(blocks))
 
 
 def _assistant(content: Any, where: str, tool_use_ids: set[str]) -> dict:
@@ -145,8 +145,7 @@ def _assistant(content: Any, where: str, tool_use_ids: set[str]) -> dict:
 def chat_messages(req: CountTokensRequest) -> list[dict]:
     messages: list[dict] = []
     if req.system:
-        system = req.system if isinstance(req.system, str) else "\n".join(_text(b, "system") for b in req.system)
-        messages.append({"role": "system", "content": system})
+        messages.append({"role": "system", "content": _system_text(req.system, "system")})
     tool_use_ids: set[str] = set()
     for i, message in enumerate(req.messages):
         where = f"messages[{i}]"
@@ -156,7 +155,7 @@ def chat_messages(req: CountTokensRequest) -> list[dict]:
         elif role == "assistant":
             messages.append(_assistant(message.get("content"), where, tool_use_ids))
         elif role == "system":  # Claude Code sends system messages between turns
-            messages.append({"role": "system", "content": "".join(p["text"] for p in _user_parts(message, where))})
+            messages.append({"role": "system", "content": _system_text(message.get("content"), where)})
         else:
             raise _bad(f"{where}.role must be 'user', 'assistant' or 'system', got {role!r}")
     return messages
