@@ -62,12 +62,7 @@ class Generation:
                 delta = choice.push(out.text)
                 reason = "stop" if choice.stopped else out.finish_reason
                 if reason is not None:
-                    tail = choice.finish()
-                    delta = ResponseDelta(
-                        delta.reasoning_content + tail.reasoning_content,
-                        delta.content + tail.content,
-                        delta.tool_calls + tail.tool_calls,
-                    )
+                    delta = delta.then(choice.finish())
                     reason = choice.parser.finish_reason(reason)
                     self.finish_reasons[i] = reason
                 yield ChoiceStep(i, delta, out.token_ids, out.logprobs, reason)

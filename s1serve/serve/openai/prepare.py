@@ -3,14 +3,14 @@ grammar a request asks for, and its response parser."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from s1serve.constraints import Constraint, Limits
 from s1serve.engine.client import EngineClient
 from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length
 from s1serve.serve.openai.errors import APIError
-from s1serve.serve.openai.grammars import json_constraint, tool_call_constraint
+from s1serve.serve.openai.grammars import json_constraint, reasoning_budget_constraint, tool_call_constraint
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import ChatCompletionRequest, NamedToolChoice, SamplingFields
 from s1serve.serve.parsers.reasoning import ReasoningParser
@@ -87,9 +87,14 @@ def response_parser(ctx: ServingContext, starts_in_reasoning: bool, tools: set[s
     return ResponseParser(reasoning, calls)
 
 
-def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int) -> Constraint | None:
-    """The grammar that enforces tool_choice required / named and response_format, if the request asks for one."""
+def chat_constraint(
+    req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int, reasoning_budget: int | None = None
+) -> Constraint | None:
+    """The grammar that enforces tool_choice required / named, response_format and a reasoning budget (at most
+    that many reasoning tokens, then `</think>`), if the request asks for one."""
     limits = Limits.for_max_tokens(max_tokens)
+    if reasoning_budget is not None:
+        limits = replace(limits, reasoning_tokens=reasoning_budget)
     if req.tools and req.tool_choice == "required":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
         return tool_call_constraint(tools, None, req.parallel_tool_calls, opens_reasoning, limits)
@@ -99,4 +104,6 @@ def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_token
     if req.response_format is not None and req.response_format.type != "text":
         schema = req.response_format.json_schema["schema"] if req.response_format.type == "json_schema" else None
         return json_constraint(schema, opens_reasoning, limits)
+    if reasoning_budget is not None and opens_reasoning:
+        return reasoning_budget_constraint(limits)
     return None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -26,6 +27,13 @@ from s1serve.serve.openai.prepare import (
 from s1serve.serve.openai.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, random_id
 from s1serve.serve.parsers.reasoning import count_reasoning_tokens, prompt_opens_reasoning
 from s1serve.serve.parsers.response import ResponseParser
+
+
+@dataclass
+class PreparedChat:
+    gen: Generation
+    reasoning_ids: dict | None  # count_reasoning_tokens' arguments, None without a reasoning parser
+    usage: Callable[[], dict]  # the chat usage object of the generation so far
 
 
 class ChatServing:
@@ -50,7 +58,9 @@ class ChatServing:
 
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
 
-    async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    def prepare(self, req: ChatCompletionRequest, reasoning_budget: int | None = None) -> PreparedChat:
+        """Render, limits, sampling parameters, constraint and parsers of a chat request, ready to run. The
+        Responses and Messages APIs translate their requests into a chat request and run it through here too."""
         ctx = self.ctx
         check_model(ctx, req.model)
         prompt, prompt_ids = self.render(req)
@@ -62,7 +72,7 @@ class ChatServing:
             tool_names = {t.function.name for t in req.tools}
             if isinstance(req.tool_choice, NamedToolChoice):
                 tool_names = {req.tool_choice.function.name}
-        constraint = chat_constraint(req, opens_reasoning, max_tokens)
+        constraint = chat_constraint(req, opens_reasoning, max_tokens, reasoning_budget)
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
         choices = [
             ChoiceText.create(response_parser(ctx, starts_in_reasoning, tool_names, req.parallel_tool_calls), req.stop, req.include_stop_str_in_output)
@@ -77,6 +87,12 @@ class ChatServing:
                 think_end_id=ctx.token_id("</think>"),
                 tool_call_start_id=ctx.token_id("<tool_call>") if tool_names is not None else None,
             )
+        return PreparedChat(gen, reasoning_ids, lambda: self._usage(gen, reasoning_ids))
+
+    async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        ctx = self.ctx
+        prepared = self.prepare(req)
+        gen, choices, reasoning_ids = prepared.gen, prepared.gen.choices, prepared.reasoning_ids
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(gen, include_usage, reasoning_ids, req.logprobs), media_type="text/event-stream")
