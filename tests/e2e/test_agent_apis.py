@@ -36,11 +36,6 @@ def tool_result(args: dict) -> str:
     return json.dumps({"temperature": 26.1, **args}, ensure_ascii=False)
 
 
-@pytest.fixture
-def anthropic_client(api_server):
-    return Anthropic(base_url=api_server.base_url, api_key=api_server.api_key, max_retries=0, timeout=120)
-
-
 # ---- Responses -----------------------------------------------------------------------------------------------------
 
 
@@ -170,9 +165,11 @@ def test_messages_weather_walkthrough(anthropic_client):
                  {"role": "user", "content": results}]
     final = anthropic_client.messages.create(model=MODEL, max_tokens=16, messages=messages, tools=ANTHROPIC_TOOLS)
     assert final.content and final.stop_reason in ("end_turn", "max_tokens", "tool_use")
-    assert final.usage.input_tokens > first.usage.input_tokens
+    prompt = final.usage.input_tokens + final.usage.cache_read_input_tokens
+    assert prompt > first.usage.input_tokens + first.usage.cache_read_input_tokens
+    assert final.usage.cache_read_input_tokens > 0  # the second turn starts with the first turn's prompt
     counted = anthropic_client.messages.count_tokens(model=MODEL, messages=messages, tools=ANTHROPIC_TOOLS)
-    assert counted.input_tokens == final.usage.input_tokens
+    assert counted.input_tokens == prompt
 
 
 def test_messages_weather_walkthrough_streamed_with_thinking(anthropic_client):

@@ -46,7 +46,11 @@ def stop_reason(finish_reason: str | None, stop_string: str | None) -> str:
 
 
 def usage_json(chat_usage: dict) -> dict:
-    return {"input_tokens": chat_usage["prompt_tokens"], "output_tokens": chat_usage["completion_tokens"]}
+    """Anthropic's split of the prompt: `input_tokens` are those computed, `cache_read_input_tokens` those the
+    prefix cache held (their sum is the whole prompt)."""
+    cached = (chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"input_tokens": chat_usage["prompt_tokens"] - cached, "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0, "output_tokens": chat_usage["completion_tokens"]}
 
 
 class MessageRenderer:

@@ -8,7 +8,7 @@ from typing import Any
 
 from s1serve.constraints import Constraint, Limits
 from s1serve.engine.client import EngineClient
-from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length
+from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length, check_token_ids
 from s1serve.serve.openai.errors import APIError
 from s1serve.serve.openai.grammars import json_constraint, reasoning_budget_constraint, tool_call_constraint
 from s1serve.serve.openai.metrics import ServerMetrics
@@ -54,10 +54,33 @@ def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | No
         raise APIError(400, str(exc), exc.param) from None
 
 
+def logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """The request's logit_bias with its JSON keys read as token ids of this vocabulary."""
+    pairs = []
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        try:
+            check_token_ids([token], vocab_size, "logit_bias", "logit_bias token id")
+        except InvalidParameterError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        pairs.append((token, value))
+    return tuple(pairs)
+
+
+def refuse_prompt_logprobs(req: SamplingFields) -> None:
+    """prompt_logprobs is named in the API but not computed: a 400 rather than a silent omission."""
+    if req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs is not supported by this server (only sampled-token logprobs)", "prompt_logprobs")
+
+
 def sampling_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None
+    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None, *, vocab_size: int
 ) -> SamplingParams:
     """Engine parameters. Stop strings stay with the server, which applies them to the content only."""
+    refuse_prompt_logprobs(req)
     try:
         return SamplingParams(
             n=req.n,
@@ -76,6 +99,7 @@ def sampling_params(
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             constraint=constraint,
+            logit_bias=logit_bias(req, vocab_size),
         )
     except InvalidParameterError as exc:
         raise APIError(400, str(exc), exc.param) from None
