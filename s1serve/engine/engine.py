@@ -254,6 +254,7 @@ class Engine:
             logprobs=([logprob] if logprob is not None else []) if wants_logprobs else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
+            num_cached_tokens=seq.num_prefix_hit_tokens,
         )
 
     # ---------------------------------------------------------------------------------------------- statistics

@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse, Response
 
 from s1serve.engine.client import EngineClient, EngineDeadError
 from s1serve.sampling_params import InvalidParameterError, check_token_ids
+from s1serve.serve.anthropic.errors import error_response as anthropic_error_response
+from s1serve.serve.anthropic.routes import add_messages_routes
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
@@ -34,6 +36,7 @@ from s1serve.serve.openai.serving import ChatServing, CompletionServing
 from s1serve.serve.openai.unicode_check import RejectLoneSurrogates
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import advertised_url, proxy_membership
+from s1serve.serve.responses.routes import add_responses_routes
 from s1serve.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 8 << 20
@@ -85,8 +88,12 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     async def _auth(request: Request, call_next: Any) -> Response:
         if api_keys and request.url.path.startswith("/v1/"):
             header = request.headers.get("authorization", "")
-            if not header.startswith("Bearer ") or header[len("Bearer ") :] not in api_keys:
-                return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')")
+            key = header[len("Bearer ") :] if header.startswith("Bearer ") else request.headers.get("x-api-key")
+            if key not in api_keys:
+                message = "missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')"
+                if request.url.path.startswith("/v1/messages"):
+                    return anthropic_error_response(401, message)
+                return error_response(401, message)
         return await call_next(request)
 
     @app.get("/health")
@@ -112,6 +119,9 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         return await chat.create(body)
+
+    add_responses_routes(app, chat)
+    add_messages_routes(app, chat)
 
     @app.post("/v1/completions")
     async def text_completions(body: CompletionRequest) -> Response:

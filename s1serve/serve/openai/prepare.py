@@ -3,14 +3,14 @@ grammar a request asks for, and its response parser."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from s1serve.constraints import Constraint, Limits, StructuredOutputError
 from s1serve.engine.client import EngineClient
-from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length
+from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length, check_token_ids
 from s1serve.serve.openai.errors import APIError
-from s1serve.serve.openai.grammars import json_constraint, tool_call_constraint
+from s1serve.serve.openai.grammars import json_constraint, reasoning_budget_constraint, tool_call_constraint
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import ChatCompletionRequest, NamedToolChoice, SamplingFields
 from s1serve.serve.parsers.reasoning import ReasoningParser
@@ -71,10 +71,33 @@ def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | No
         raise APIError(400, str(exc), exc.param) from None
 
 
+def logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """The request's logit_bias with its JSON keys read as token ids of this vocabulary."""
+    pairs = []
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        try:
+            check_token_ids([token], vocab_size, "logit_bias", "logit_bias token id")
+        except InvalidParameterError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        pairs.append((token, value))
+    return tuple(pairs)
+
+
+def refuse_prompt_logprobs(req: SamplingFields) -> None:
+    """prompt_logprobs is named in the API but not computed: a 400 rather than a silent omission."""
+    if req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs is not supported by this server (only sampled-token logprobs)", "prompt_logprobs")
+
+
 def sampling_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None
+    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None, *, vocab_size: int
 ) -> SamplingParams:
     """Engine parameters. Stop strings stay with the server, which applies them to the content only."""
+    refuse_prompt_logprobs(req)
     try:
         return SamplingParams(
             n=req.n,
@@ -93,6 +116,7 @@ def sampling_params(
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             constraint=constraint,
+            logit_bias=logit_bias(req, vocab_size),
         )
     except InvalidParameterError as exc:
         raise APIError(400, str(exc), exc.param) from None
@@ -104,10 +128,15 @@ def response_parser(ctx: ServingContext, starts_in_reasoning: bool, tools: set[s
     return ResponseParser(reasoning, calls)
 
 
-def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int) -> Constraint | None:
-    """The grammar that enforces tool_choice required / named and response_format, if the request asks for one;
-    tools or a schema no grammar can be built from are the request's fault (400 naming the field)."""
+def chat_constraint(
+    req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int, reasoning_budget: int | None = None
+) -> Constraint | None:
+    """The grammar that enforces tool_choice required / named, response_format and a reasoning budget (at most
+    that many reasoning tokens, then `</think>`), if the request asks for one; tools or a schema no grammar can be
+    built from are the request's fault (400 naming the field)."""
     limits = Limits.for_max_tokens(max_tokens)
+    if reasoning_budget is not None:
+        limits = replace(limits, reasoning_tokens=reasoning_budget)
     field = "tools"
     try:
         if req.tools and req.tool_choice == "required":
@@ -122,4 +151,6 @@ def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_token
             return json_constraint(schema, opens_reasoning, limits)
     except StructuredOutputError as exc:
         raise APIError(400, str(exc), field) from None
+    if reasoning_budget is not None and opens_reasoning:
+        return reasoning_budget_constraint(limits)
     return None
