@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,13 +272,10 @@ def _note(f: Flag, value: Any) -> str:
     return line + (f": {f.note}" if f.note else "")
 
 
-Fail = Callable[[str], None]  # the dialect parser's error(): usage and message, exit status 2
-
-
 def derive_vllm(ns: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser,
                 internal: argparse.ArgumentParser) -> Translation:
     """`s1serve vllm-serve` flags -> the api_server command line."""
-    fail: Fail = parser.error
+    fail = parser.error  # the dialect's usage and the message, exit status 2
     if ns.served_model_name and len(ns.served_model_name) > 1:
         fail(f"--served-model-name {' '.join(ns.served_model_name)}: s1serve serves one name per model")
     if ns.served_model_name:
