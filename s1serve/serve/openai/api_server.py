@@ -30,6 +30,7 @@ from s1serve.serve.openai.protocol import (
     TokenizeRequest,
 )
 from s1serve.serve.openai.prepare import ServingContext
+from s1serve.serve.openai.arguments import media_pipeline
 from s1serve.serve.openai.serving import ChatServing, CompletionServing
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import advertised_url, proxy_membership
@@ -164,6 +165,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         metrics=ServerMetrics(name),
         reasoning_parser=reasoning,
         tool_parser=tools,
+        media=media_pipeline(Path(args.model), tokenizer, args),
     )
     stopping = threading.Event()
     died = threading.Event()

@@ -118,6 +118,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: Optional[ResponseFormat] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
+    mm_processor_kwargs: Optional[dict[str, Any]] = None  # fps / num_frames (video), min_pixels / max_pixels (image)
 
     @model_validator(mode="after")
     def _tool_choice_matches_tools(self) -> "ChatCompletionRequest":
