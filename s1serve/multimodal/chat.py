@@ -17,8 +17,11 @@ from s1serve.multimodal.errors import MediaError
 from s1serve.multimodal.fetch import FetchPolicy, MediaFetcher
 from s1serve.multimodal.processor import MediaKind, MediaOptions, MultimodalProcessor, ProcessedPrompt, parse_media_io_kwargs
 
-# Content part type -> the media kind it carries; the URL sits in part[type] (an object with "url", or the URL).
-MEDIA_PARTS: dict[str, MediaKind] = {"image_url": "image", "input_image": "image", "video_url": "video"}
+# Content part type -> the media kind it carries and the field holding its URL (an object with "url", or the URL
+# itself as in the Responses API's input_image).
+MEDIA_PARTS: dict[str, tuple[MediaKind, str]] = {
+    "image_url": ("image", "image_url"), "input_image": ("image", "image_url"), "video_url": ("video", "video_url"),
+}
 TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
 
 
@@ -47,17 +50,17 @@ def extract_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str,
             if kind_name in TEXT_PARTS:
                 parts.append(dict(part))
                 continue
-            kind = MEDIA_PARTS.get(kind_name)
-            if kind is None:
+            if kind_name not in MEDIA_PARTS:
                 allowed = ", ".join(TEXT_PARTS + tuple(MEDIA_PARTS))
                 raise MediaError(f"message {m} content part {p}: unknown type {kind_name!r}; allowed: {allowed}")
-            value = part.get(kind_name)
+            kind, field = MEDIA_PARTS[kind_name]
+            value = part.get(field)
             url = value.get("url") if isinstance(value, Mapping) else value
             counts[kind] += 1
             label = f"{kind} {counts[kind]}"
             if not isinstance(url, str) or not url:
-                raise MediaError(f"{label} (message {m} content part {p}): {kind_name} needs a URL "
-                                 f"(data:, http(s):// or file://)")
+                raise MediaError(f"{label} (message {m} content part {p}): {kind_name} needs a URL in "
+                                 f"'{field}' (data:, http(s):// or file://)")
             refs.append(MediaRef(kind, url, label))
             parts.append({"type": kind})
         out.append({**message, "content": parts})
