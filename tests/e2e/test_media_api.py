@@ -215,7 +215,7 @@ def test_trusted_host_fetched_redirect_to_refused_address_refused(trusting_serve
     error = refusal(client, [image_part(f"http://localhost:{media_host}/big")])
     assert error.status_code == 413 and "the limit is 20971520 bytes" in error.message
     error = refusal(client, [image_part(f"http://localhost:{media_host}/slow")])
-    assert error.status_code == 400 and "took longer than the limit of 5.0 s" in error.message
+    assert error.status_code == 400 and "took longer than the limit of 5 s" in error.message
 
 
 def data_url(mime: str, data: bytes) -> str:
@@ -228,7 +228,7 @@ BAD_INPUTS = [
     ("1x1 image", [image_part(data_url("image/png", png_bytes(1, 1)))], 400, "image 1"),
     ("100000x1 strip", [image_part(data_url("image/png", png_bytes(100_000, 1)))], 400, "aspect ratio"),
     ("decompression bomb", [image_part(data_url("image/png", png_header_only(30_000, 30_000)))], 413, "image 1"),
-    ("file outside the allowed path", [image_part("file:///etc/passwd")], 400, "--allowed-local-media-path"),
+    ("file outside the allowed path", [image_part("file:///etc/passwd")], 400, "outside the allowed local media path"),
     ("unknown part type", [{"type": "audio_url", "audio_url": {"url": "data:,x"}}], 400, "unknown type 'audio_url'"),
     ("three images, limit 2", [image_part((GOLDEN_DIR / "panda_256x288.png").as_uri())] * 3, 413,
      "at most 2 allowed (--limit-mm-per-prompt)"),
