@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,6 +26,11 @@ class MediaInput:
     pixel_values: torch.Tensor  # float32 [t*h*w, patch dim]
     grid_thw: tuple[int, int, int]
     pad_ranges: tuple[tuple[int, int], ...]  # (start, length) runs of its pad tokens in the prompt, in order
+
+    @classmethod
+    def of(cls, item: Any) -> "MediaInput":
+        """From a s1serve.multimodal ProcessedItem (read by its fields: the engine does not import multimodal)."""
+        return cls(item.feature_key, item.pixel_values, tuple(item.grid_thw), tuple(item.pad_ranges))
 
     @property
     def num_pads(self) -> int:

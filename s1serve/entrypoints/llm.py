@@ -91,14 +91,7 @@ class LLM:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
         prompt_ids = [list(map(int, ids)) for ids in prompt_token_ids]
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompt_ids)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompt_ids):
-                raise InvalidParameterError(
-                    "sampling_params", f"got {len(params)} sampling_params for {len(prompt_ids)} prompts"
-                )
+        params = _per_prompt(sampling_params, len(prompt_ids))
         return self._checked_run(prompt_ids, params, [()] * len(prompt_ids), use_tqdm)
 
     def _checked_run(
@@ -136,19 +129,8 @@ class LLM:
                 continue
             processed = asyncio.run(self.media.process(prompt, refs, mm_processor_kwargs))
             prompt_ids.append(processed.token_ids)
-            media.append(tuple(
-                MediaInput(item.feature_key, item.pixel_values, tuple(item.grid_thw), tuple(item.pad_ranges))
-                for item in processed.items
-            ))
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompt_ids)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompt_ids):
-                raise InvalidParameterError(
-                    "sampling_params", f"got {len(params)} sampling_params for {len(prompt_ids)} conversations"
-                )
-        return self._checked_run(prompt_ids, params, media, use_tqdm)
+            media.append(tuple(MediaInput.of(item) for item in processed.items))
+        return self._checked_run(prompt_ids, _per_prompt(sampling_params, len(prompt_ids)), media, use_tqdm)
 
     def _run(
         self, prompt_ids: list[list[int]], params: list[SamplingParams], media: list[tuple[MediaInput, ...]],
@@ -187,3 +169,13 @@ class LLM:
     def shutdown(self) -> None:
         """Stops the engine's other ranks (if it has any); the LLM cannot generate afterwards."""
         self.engine.shutdown()
+
+
+def _per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the one given for all, or the list given (of the right length)."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or SamplingParams()] * count
+    params = list(sampling_params)
+    if len(params) != count:
+        raise InvalidParameterError("sampling_params", f"got {len(params)} sampling_params for {count} prompts")
+    return params

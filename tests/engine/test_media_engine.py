@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from s1serve import LLM, SamplingParams
+from s1serve.engine.media import MediaInput
 from s1serve.sampling_params import InvalidParameterError
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "multimodal"
@@ -110,9 +112,6 @@ def test_feature_cache_is_bounded_and_off_at_zero(tiny_checkpoint):
 
 
 def test_engine_refuses_media_that_do_not_match_the_prompt(llm):
-    from s1serve.engine.media import MediaInput
-    import torch
-
     p = PROMPTS["one_image"]
     ids = p["prompt_ids"]
     start = ids.index(p["pad_token_id"])

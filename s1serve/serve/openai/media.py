@@ -11,7 +11,6 @@ from typing import Any, Mapping, Sequence
 from s1serve.engine.media import MediaInput
 from s1serve.multimodal.chat import MediaPipeline, MediaRef, extract_media
 from s1serve.multimodal.errors import MediaError
-from s1serve.multimodal.processor import ProcessedPrompt
 from s1serve.serve.openai.errors import APIError
 
 NO_VISION = ("this model takes text only: its checkpoint has no vision tower (no vision_config), so {label} "
@@ -37,11 +36,4 @@ async def process_media(
         processed = await pipeline.process(prompt, refs, mm_processor_kwargs)
     except MediaError as exc:
         raise APIError(exc.status, exc.message, "messages") from None
-    return processed.token_ids, engine_media(processed)
-
-
-def engine_media(processed: ProcessedPrompt) -> tuple[MediaInput, ...]:
-    return tuple(
-        MediaInput(item.feature_key, item.pixel_values, tuple(item.grid_thw), tuple(item.pad_ranges))
-        for item in processed.items
-    )
+    return processed.token_ids, tuple(MediaInput.of(item) for item in processed.items)
