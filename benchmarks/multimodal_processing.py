@@ -16,7 +16,8 @@ pixel_values: by default the `make-tiny --preset bench` tower (depth 2, width 25
 proportions are far too heavy for CPU), random BF16 weights (time does not depend on their values), one item at
 a time; `--encoder-preset tiny` or `none` to change or skip it. The reference's tower is not timed. The reference's
 processors need torchvision; tests/fixtures/multimodal_processing/README.md says how the goldens' environment
-got one that loads with torch 2.13 (pass its folder as --reference-pythonpath).
+got one that loads with torch 2.13 (pass its folder as --reference-pythonpath). --reference-dir must hold the authors'
+`.py` files and the tokenizer files (copy `s1serve/assets/*` beside them).
 """
 
 from __future__ import annotations
