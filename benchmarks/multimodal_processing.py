@@ -9,9 +9,15 @@ pixel_values: decode, sample frames (video: 2 fps -> 60 frames), resize, normali
 and tokenise. s1serve runs `MultimodalProcessor.process`; the reference runs transformers' load_image /
 load_video(backend="pyav") and the authors' InternS1ProProcessor (fast image processor, torchvision resize), in a
 subprocess of its own Python. The best of --repeats wall times per item counts; both sides use torch's default
-threads. Without the reference Python the reference column is empty and a line says why. The reference's
+threads. Without the reference Python the reference column is empty and a line says why.
+
+The encoder columns then run s1serve's vision tower (what the engine does once per item) on the processed
+pixel_values: by default the `make-tiny --preset bench` tower (depth 2, width 256, 4 heads: the published
+proportions are far too heavy for CPU), random BF16 weights (time does not depend on their values), one item at
+a time; `--encoder-preset tiny` or `none` to change or skip it. The reference's tower is not timed. The reference's
 processors need torchvision; tests/fixtures/multimodal_processing/README.md says how the goldens' environment
-got one that loads with torch 2.13 (pass its folder as --reference-pythonpath).
+got one that loads with torch 2.13 (pass its folder as --reference-pythonpath). --reference-dir must hold the authors'
+`.py` files and the tokenizer files (copy `s1serve/assets/*` beside them).
 """
 
 from __future__ import annotations
@@ -118,13 +124,42 @@ def run_reference(args, image: Path, video: Path) -> dict | str:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def vision_tower(preset: str):
+    """A vision tower of a make-tiny preset with random BF16 weights, or None for "none"."""
+    if preset == "none":
+        return None
+    import torch
+
+    from s1serve.checkpoint.tiny import tiny_config
+    from s1serve.config import parse_model_config
+    from s1serve.models.vision import VisionTower
+
+    torch.manual_seed(0)
+    tower = VisionTower(parse_model_config(tiny_config(preset), f"{preset} preset").vision)
+    with torch.no_grad():
+        for param in tower.parameters():
+            param.normal_(0, 0.02)
+    return tower.to(torch.bfloat16).eval()
+
+
+def encode(tower, processed) -> None:
+    import torch
+
+    with torch.inference_mode():
+        for item in processed.items:
+            tower(item.pixel_values, torch.tensor([item.grid_thw]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-python", default="/tmp/refvenv/bin/python")
     parser.add_argument("--reference-dir", default="/tmp/ref/checkpoints/Intern-S1-Pro")
     parser.add_argument("--reference-pythonpath", default="", help="extra import path for the reference (torchvision)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--encoder-preset", default="bench", choices=("bench", "tiny", "none"),
+                        help="make-tiny preset whose vision tower is timed on the processed items")
     args = parser.parse_args()
+    encoder = vision_tower(args.encoder_preset)
 
     processor = MultimodalProcessor.from_model_dir(ASSETS_DIR, load_tokenizer(ASSETS_DIR))
     with tempfile.TemporaryDirectory() as folder:
@@ -137,17 +172,26 @@ def main() -> None:
             "image": best_of(args.repeats, lambda: processor.process(IMAGE_TEXT, [image])),
             "video": best_of(args.repeats, lambda: processor.process(VIDEO_TEXT, [video])),
         }
+        encoded = {name: best_of(args.repeats, lambda r=result: encode(encoder, r)) if encoder else None
+                   for name, (_, result) in ours.items()}
         reference = run_reference(args, image_path, video_path)
 
     print(f"inputs: 1024x1024 JPEG ({len(image.data)} bytes); 30 s 1280x720 30 fps {codec} ({len(video.data)} bytes)")
     print(f"best of {args.repeats}, wall seconds per item, torch threads {__import__('torch').get_num_threads()}")
-    print(f"{'input':<28}{'s1serve s':>11}{'items/s':>9}{'reference s':>13}{'items/s':>9}{'ratio':>8}  prompt ids")
+    print(f"{'input':<28}{'s1serve s':>11}{'items/s':>9}{'reference s':>13}{'items/s':>9}{'ratio':>8}"
+          f"{'encoder s':>11}{'proc+enc items/s':>18}  prompt ids")
     for name, label in (("image", "1024x1024 image"), ("video", "30 s 720p clip (60 frames)")):
         seconds, result = ours[name]
         ref = reference.get(name) if isinstance(reference, dict) else None
         ref_cols = f"{ref['best_s']:>13.3f}{1 / ref['best_s']:>9.2f}{ref['best_s'] / seconds:>7.1f}x" if ref else f"{'-':>13}{'-':>9}{'-':>8}"
+        enc = encoded[name][0] if encoded[name] else None
+        enc_cols = f"{enc:>11.3f}{1 / (seconds + enc):>18.2f}" if enc else f"{'-':>11}{'-':>18}"
         ids = f"{len(result.token_ids)}" + (f" (reference {ref['prompt_ids']})" if ref else "")
-        print(f"{label:<28}{seconds:>11.3f}{1 / seconds:>9.2f}{ref_cols}  {ids}")
+        print(f"{label:<28}{seconds:>11.3f}{1 / seconds:>9.2f}{ref_cols}{enc_cols}  {ids}")
+    if encoder is not None:
+        c = encoder.config
+        print(f"encoder: make-tiny --preset {args.encoder_preset} vision tower (depth {c.depth}, width "
+              f"{c.hidden_size}, {c.num_heads} heads), bf16, one item per call")
     if isinstance(reference, str):
         print(f"reference not run: {reference}")
     else:

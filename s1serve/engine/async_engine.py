@@ -22,11 +22,12 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from s1serve.engine.client import EngineDeadError
 from s1serve.engine.engine import Engine, EngineStats
+from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import SamplingParams
 
@@ -71,7 +72,7 @@ class AsyncEngine:
         callback(self._error)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, media: Sequence[MediaInput] = ()
     ) -> AsyncIterator[OutputDelta]:
         """Yields the request's deltas (all n samples interleaved) until every sample has finished.
 
@@ -79,13 +80,14 @@ class AsyncEngine:
         """
         self._check_alive()
         prompt_ids = list(prompt_ids)
-        self.engine.check_request(prompt_ids, params)
+        media = tuple(media)
+        self.engine.check_request(prompt_ids, params, media)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         loop = self._join_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (stream, loop)
-        self._commands.put(("add", request_id, prompt_ids, params, loop))
+        self._commands.put(("add", request_id, prompt_ids, params, media, loop))
         finished = False
         try:
             self._check_alive()  # after registering: a death from now on reaches this stream
@@ -206,10 +208,10 @@ class AsyncEngine:
     def _handle(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt_ids, params, loop = command
+            _, request_id, prompt_ids, params, media, loop = command
             self._loops[request_id] = loop
             try:
-                self.engine.add_request(request_id, prompt_ids, params)
+                self.engine.add_request(request_id, prompt_ids, params, media)
             except ValueError as exc:
                 self._publish_to(request_id, [exc])
         elif kind == "abort":

@@ -1,7 +1,7 @@
 """Fixed-size KV blocks, ref-counted, with a prefix cache keyed by block content.
 
-A full block's key is a hash of its token ids chained with the key of the block before it, so equal keys mean
-equal whole prefixes. A block whose last reference goes stays in the cache (evictable, least recently freed
+A full block's key is a hash of its token ids (and of the content keys of the images/videos whose pads it holds)
+chained with the key of the block before it, so equal keys mean equal whole prefixes. A block whose last reference goes stays in the cache (evictable, least recently freed
 first) until its memory is needed; a later sequence with the same prefix takes it back instead of recomputing.
 
 Invariant: every block is exactly one of free, evictable (cached, unreferenced) or referenced;
@@ -18,8 +18,9 @@ from collections import OrderedDict
 from s1serve.engine.request import Sequence
 
 
-def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
-    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
+def block_hash(parent: bytes, token_ids: list[int], media: bytes = b"") -> bytes:
+    """`media`: the content keys of the images/videos whose pads the block holds (equal pad ids, other pictures)."""
+    return hashlib.sha256(parent + array("q", token_ids).tobytes() + media).digest()
 
 
 class BlockManager:
@@ -48,7 +49,8 @@ class BlockManager:
         while len(seq.block_hashes) <= index:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else b""
-            seq.block_hashes.append(block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size]))
+            start, end = i * self.block_size, (i + 1) * self.block_size
+            seq.block_hashes.append(block_hash(parent, seq.token_ids[start:end], seq.request.media_hash(start, end)))
         return seq.block_hashes[index]
 
     def cached_prefix(self, seq: Sequence) -> list[int]:

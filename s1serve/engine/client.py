@@ -3,10 +3,11 @@ process) implements it; an engine in another process can stand behind the same i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from s1serve.engine.engine import EngineStats
+from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import SamplingParams
 
@@ -29,8 +30,11 @@ class EngineClient(Protocol):
     def on_death(self, callback: Callable[[BaseException], None]) -> None:
         """Calls `callback(error)` once when the engine dies (at once if it is dead already)."""
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[OutputDelta]:
-        """The request's deltas until every sample has finished; closing the iterator aborts the request."""
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, media: Sequence[MediaInput] = ()
+    ) -> AsyncIterator[OutputDelta]:
+        """The request's deltas until every sample has finished; closing the iterator aborts the request. `media`:
+        the prompt's processed images/videos (plain tensors and ints), whose features replace its pad tokens."""
 
     def abort(self, request_id: str) -> None: ...
 

@@ -16,6 +16,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output cap; None: the model's max positions (and the KV capacity)
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the generators of requests that bring no seed, in arrival order
+    mm_processor_cache_gb: float = 4.0  # GiB of vision features kept for reuse by later requests (0: none)
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -25,6 +26,8 @@ class EngineConfig:
 
         for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             positive(name)
+        if not isinstance(self.mm_processor_cache_gb, (int, float)) or self.mm_processor_cache_gb < 0:
+            raise ValueError(f"{flag('mm_processor_cache_gb')} must be a number >= 0, got {self.mm_processor_cache_gb!r}")
         if not 0 < self.cache_max_entry_count <= 1:
             raise ValueError(f"{flag('cache_max_entry_count')} must be in (0, 1], got {self.cache_max_entry_count!r}")
 
@@ -49,6 +52,8 @@ _HELP = {
     "max_model_len": "most tokens (prompt + output) of one sequence (default: the model's max positions)",
     "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes",
     "seed": "seed for the generators of requests that set no seed",
+    "mm_processor_cache_gb": "GiB of image/video features kept (LRU by content) so a repeated picture is not "
+    "encoded again; 0 turns the cache off",
 }
 
 

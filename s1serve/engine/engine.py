@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from s1serve.config import GenerationDefaults
 from s1serve.engine.block_manager import BlockManager
 from s1serve.engine.config import EngineConfig, flag
 from s1serve.engine.grammar import Grammars, apply_bitmask, bitmask_width
+from s1serve.engine.media import FeatureCache, MediaInput
 from s1serve.engine.model_runner import Runner, StepSequence
 from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.request import Request, Sequence, SequenceStatus
@@ -67,6 +68,11 @@ class Engine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._seeds = random.Random(config.seed)
+        model_config = runner.model.config
+        self.media_pad_ids = frozenset(
+            i for i in (model_config.image_token_id, model_config.video_token_id) if i is not None
+        )
+        self.feature_cache = FeatureCache(int(config.mm_processor_cache_gb * (1 << 30)))
 
     def shutdown(self) -> None:
         """Stops the runner's other ranks, if it has any (the engine cannot step afterwards)."""
@@ -74,8 +80,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ requests
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+    def check_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, media: Sequence[MediaInput] = ()
+    ) -> SamplingParams:
         """Validates a request (also outside the engine thread); returns its params with defaults filled in."""
+        if media:
+            self.check_media(prompt_token_ids, media)
         if not prompt_token_ids:
             raise InvalidParameterError("prompt", "prompt is empty: give at least one token")
         check_token_ids(prompt_token_ids, self.vocab_size)
@@ -92,6 +102,27 @@ class Engine:
             self.grammars.validate(params.constraint)
         return params.with_defaults(self.defaults)
 
+    def check_media(self, prompt_token_ids: list[int], media: Sequence[MediaInput]) -> None:
+        model = self.runner.model
+        if not model.has_vision:
+            raise InvalidParameterError(
+                "media", "this checkpoint has no vision tower (no vision_config or no model.visual.* weights): "
+                "it takes text only, so images and videos cannot be given to it"
+            )
+        merge = model.config.vision.spatial_merge_size
+        for i, item in enumerate(media):
+            problem = item.check(prompt_token_ids, self.media_pad_ids, merge)
+            if problem is None and i and item.start < media[i - 1].end:
+                problem = "it overlaps the item before it"
+            if problem is not None:
+                raise InvalidParameterError("media", f"media item {i + 1}: {problem}")
+        pads = sum(1 for t in prompt_token_ids if t in self.media_pad_ids)
+        if pads != sum(item.num_pads for item in media):
+            raise InvalidParameterError(
+                "media", f"the prompt holds {pads} image/video pad tokens, its media items "
+                f"{sum(item.num_pads for item in media)}: each pad needs a feature"
+            )
+
     @cached_property
     def grammars(self) -> Grammars:
         """Built on the first constrained request: turning the token table into the grammar engine's takes ~0.5 s."""
@@ -100,11 +131,14 @@ class Engine:
         eos = next(iter(sorted(self.eos_ids)), None)
         return GrammarCompiler.from_tokenizer(self.tokenizer, self.runner.model.config.text.vocab_size, eos)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, media: Sequence[MediaInput] = ()
+    ) -> None:
+        """`media`: the prompt's images and videos (processed), in prompt order; their features replace its pads."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = list(prompt_token_ids)
-        params = self.check_request(prompt, params)
+        params = self.check_request(prompt, params, media)
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt,
@@ -112,6 +146,7 @@ class Engine:
             seed=self._seeds.getrandbits(63) if params.seed is None else params.seed,
             max_len=self.max_model_len,
             stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids),
+            media=tuple(media),
         )
         seq = self._new_sequence(request, 0, prompt)
         seq.pending_forks = params.n - 1
@@ -166,7 +201,7 @@ class Engine:
             self.runner.idle()
             return deltas
 
-        step = [StepSequence(seq.next_tokens(n), seq.num_computed_tokens, seq.block_table) for seq, n in out.scheduled]
+        step = [self._step_sequence(seq, n) for seq, n in out.scheduled]
         ready = [i for i, (seq, n) in enumerate(out.scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
         logits = self.runner.execute(step, ready)
         for seq, n in out.scheduled:
@@ -180,6 +215,8 @@ class Engine:
             family = [seq] + self._fork(seq)
             samples += family
             rows += [row] * len(family)
+        for seq, _ in out.scheduled:
+            self._release_features(seq.request)
         if not samples:
             return deltas
         if rows != list(range(len(ready))):
@@ -203,6 +240,44 @@ class Engine:
         for seq, token, logprob in zip(samples, result.token_ids, result.logprobs):
             deltas.append(self._append(seq, token, logprob))
         return deltas
+
+    def _step_sequence(self, seq: Sequence, n: int) -> StepSequence:
+        """The sequence's part of a step; with the vision features of the media pads among its n new tokens."""
+        start = seq.num_computed_tokens
+        rows, embeds = [], []
+        for i, item in enumerate(seq.request.media):
+            if item.start >= start + n or item.end <= start:
+                continue
+            positions = item.pad_positions()
+            inside = (positions >= start) & (positions < start + n)
+            rows += (positions[inside] - start).tolist()
+            embeds.append(self._features(seq.request, i)[inside])
+        if not rows:
+            return StepSequence(seq.next_tokens(n), start, seq.block_table)
+        return StepSequence(seq.next_tokens(n), start, seq.block_table, tuple(rows), torch.cat(embeds))
+
+    def _features(self, request: Request, index: int) -> torch.Tensor:
+        """Vision features of the request's media item `index`: kept, cached, or encoded now (once per item)."""
+        features = request.media_features.get(index)
+        if features is None:
+            item = request.media[index]
+            features = self.feature_cache.get(item.key)
+            if features is None:
+                with torch.inference_mode():
+                    features = self.runner.model.encode_images(item.pixel_values, torch.tensor([item.grid_thw]))
+                self.feature_cache.put(item.key, features)
+            request.media_features[index] = features
+        return features
+
+    def _release_features(self, request: Request) -> None:
+        """Drops the features of items whose pads every sample has computed (a fork recomputes from its last full
+        block, so none is dropped while samples are still to fork)."""
+        if not request.media_features or any(s.pending_forks for s in request.sequences):
+            return
+        computed = min((s.num_computed_tokens for s in request.sequences if not s.finished), default=None)
+        for i in list(request.media_features):
+            if computed is None or request.media[i].end <= computed:
+                del request.media_features[i]
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """The other n - 1 samples of a request whose prompt was just computed; they share its full blocks."""
@@ -280,6 +355,8 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_query_tokens=self.blocks.prefix_queries,
             prefix_hit_tokens=self.blocks.prefix_hits,
+            mm_cache_queries=self.feature_cache.queries,
+            mm_cache_hits=self.feature_cache.hits,
         )
 
 
@@ -292,3 +369,5 @@ class EngineStats:
     num_preemptions: int  # since start
     prefix_query_tokens: int  # prompt tokens looked up in the prefix cache, since start
     prefix_hit_tokens: int  # of which found
+    mm_cache_queries: int = 0  # media items looked up in the vision-feature cache, since start
+    mm_cache_hits: int = 0  # of which found (not encoded again)

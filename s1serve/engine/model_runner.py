@@ -29,6 +29,8 @@ class StepSequence:
     token_ids: list[int]  # the new tokens of this step
     context_len: int  # tokens of this sequence already in the cache
     block_table: list[int]  # cache blocks holding (and to hold) this sequence, in order
+    media_rows: tuple[int, ...] = ()  # which of the new tokens are image/video pads (offsets into token_ids)
+    media_embeds: torch.Tensor | None = None  # [len(media_rows), hidden]: their vision features, in that order
 
 
 class Runner(Protocol):
@@ -101,7 +103,19 @@ class ModelRunner:
             self.device,
         )
         ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long).to(self.device)
-        return self.model(ids, batch.positions, self.caches, batch)
+        return self.model(ids, batch.positions, self.caches, batch, inputs_embeds=self._embeds(seqs, ids))
+
+    def _embeds(self, seqs: list[StepSequence], ids: torch.Tensor) -> torch.Tensor | None:
+        """The step's input embeddings with vision features at the media rows; None for a step of text only."""
+        if not any(s.media_rows for s in seqs):
+            return None
+        rows, embeds, offset = [], [], 0
+        for s in seqs:
+            if s.media_rows:
+                rows += [offset + r for r in s.media_rows]
+                embeds.append(s.media_embeds)
+            offset += len(s.token_ids)
+        return self.model.embed(ids, torch.tensor(rows, dtype=torch.long), torch.cat(embeds).to(self.device))
 
     @torch.inference_mode()
     def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from s1serve.engine.grammar import Matcher
+from s1serve.engine.media import MediaInput
 
 from s1serve.engine.text_output import TextOutput
 from s1serve.layers.sampler import TokenLogprob
@@ -34,6 +35,12 @@ class Request:
     max_len: int  # prompt + output tokens never exceed this
     stop_ids: frozenset[int]  # tokens that end a sample with "stop" (eos unless ignore_eos, and stop_token_ids)
     sequences: list["Sequence"] = field(default_factory=list)
+    media: tuple[MediaInput, ...] = ()  # images and videos whose features replace pad tokens of the prompt
+    media_features: dict[int, torch.Tensor] = field(default_factory=dict)  # encoded items with pads left to compute
+
+    def media_hash(self, start: int, end: int) -> bytes:
+        """The keys of the media items with pads in positions [start, end): part of a KV block's hash."""
+        return b"".join(m.key.encode() for m in self.media if m.start < end and m.end > start)
 
     @property
     def finished(self) -> bool:

@@ -10,8 +10,9 @@ given is logged once with what it became. A flag s1serve cannot honour is refuse
 flags, `derive_*` for values). Underscore spellings (`--gpu_memory_utilization`) are read by
 s1serve.entrypoints.argparsing.
 
-MEDIA_AND_PROCESS lists api_server flags that other dialects map onto and that the engine/multimodal work wires
-up: `check_media_and_process` refuses values the server would silently not honour.
+MEDIA_AND_PROCESS lists api_server flags that other dialects map onto and that no other module defines yet;
+`check_media_and_process` checks those and the media flags before any rank starts, refusing values the server
+would silently not honour.
 """
 
 from __future__ import annotations
@@ -188,12 +189,6 @@ MEDIA_AND_PROCESS: tuple[Flag, ...] = (
     Flag(("--api-server-count",),
          note="API server processes on this node; under --dp there is one per local DP rank",
          options={"type": int, "default": None}),
-    Flag(("--media-io-kwargs",), note="media loading options (JSON), e.g. video sampling",
-         options={"default": None, "help": 'JSON, e.g. \'{"video": {"num_frames": 768, "fps": 2}}\''}),
-    Flag(("--mm-processor-cache-gb",), note="memory for processed media kept between requests",
-         options={"type": float, "default": None}),
-    Flag(("--limit-mm-per-prompt",), note="most media items of each kind in one prompt (JSON)",
-         options={"default": None, "help": 'JSON, e.g. \'{"image": 4, "video": 1}\''}),
 )
 
 
@@ -361,19 +356,9 @@ def check_media_and_process(args: argparse.Namespace, parallel: ParallelConfig) 
         from s1serve.multimodal.processor import parse_media_io_kwargs  # imports torch: only when given
 
         parse_media_io_kwargs(args.media_io_kwargs)
-        notes.append(f"--media-io-kwargs {args.media_io_kwargs}: valid; the server takes text only so far, so no "
-                     "media is loaded")
-    if args.mm_processor_cache_gb is not None:
-        if args.mm_processor_cache_gb < 0:
-            raise ValueError(f"--mm-processor-cache-gb must be >= 0, got {args.mm_processor_cache_gb}")
-        notes.append(f"--mm-processor-cache-gb {args.mm_processor_cache_gb:g}: s1serve keeps no processed media "
-                     "between requests, so nothing is cached")
     if args.limit_mm_per_prompt is not None:
         limits = _json_object("--limit-mm-per-prompt", args.limit_mm_per_prompt)
         for kind, n in limits.items():
             if kind not in ("image", "video") or isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"--limit-mm-per-prompt: expected {{\"image\"|\"video\": count >= 0}}, got {limits}")
-        if any(limits.values()):
-            raise ValueError(f"--limit-mm-per-prompt {args.limit_mm_per_prompt}: not yet honoured: the server "
-                             "takes text only so far (0 is allowed)")
     return notes

@@ -31,6 +31,7 @@ from s1serve.serve.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
+from s1serve.serve.openai.arguments import media_pipeline
 from s1serve.serve.openai.prepare import ServingContext, render_chat_prompt
 from s1serve.serve.openai.serving import ChatServing, CompletionServing
 from s1serve.serve.openai.unicode_check import RejectLoneSurrogates
@@ -174,6 +175,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         metrics=ServerMetrics(name),
         reasoning_parser=reasoning,
         tool_parser=tools,
+        media=media_pipeline(Path(args.model), tokenizer, args),
     )
     stopping = threading.Event()
     died = threading.Event()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from s1serve.engine.config import add_engine_args
 from s1serve.parallel.config import add_parallel_args
@@ -24,3 +26,35 @@ def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy-url", default=None, help="join this proxy as a node (and leave it on shutdown)")
     add_engine_args(parser)
     add_parallel_args(parser)
+    add_media_arguments(parser)
+
+
+def add_media_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("images and video")
+    group.add_argument("--allowed-local-media-path", default=None,
+                       help="folder whose files file:// URLs may name (default: file:// refused)")
+    group.add_argument("--allowed-media-domains", nargs="*", default=[],
+                       help="only these hosts are fetched, and their addresses are trusted (private ones too)")
+    group.add_argument("--allow-private-media-addresses", action="store_true",
+                       help="fetch from loopback/private/link-local addresses too (refused by default: SSRF)")
+    group.add_argument("--limit-mm-per-prompt", default=None,
+                       help='most items per prompt, JSON: \'{"image": 4, "video": 1}\' (default: no limit)')
+    group.add_argument("--media-io-kwargs", default=None,
+                       help='video sampling, JSON: \'{"video": {"num_frames": 768, "fps": 2}}\'')
+
+
+def media_pipeline(model_dir: Path, tokenizer: Any, args: argparse.Namespace) -> Any:
+    """The server's MediaPipeline, or None for a checkpoint without a vision tower (config without vision_config)."""
+    from s1serve.config import load_model_config
+    from s1serve.multimodal.chat import MediaArgs, MediaPipeline
+
+    if load_model_config(model_dir).vision is None:
+        return None
+    media = MediaArgs(
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=tuple(args.allowed_media_domains),
+        allow_private_media_addresses=args.allow_private_media_addresses,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
+        media_io_kwargs=args.media_io_kwargs,
+    )
+    return MediaPipeline.build(model_dir, tokenizer, media)

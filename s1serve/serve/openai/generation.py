@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from s1serve.engine.client import EngineDeadError
+from s1serve.engine.media import MediaInput
 from s1serve.layers.sampler import TokenLogprob
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 from s1serve.serve.openai.choice import ChoiceText
@@ -33,6 +34,7 @@ class Generation:
     prompt_ids: list[int]
     params: SamplingParams
     choices: list[ChoiceText]
+    media: tuple[MediaInput, ...] = ()  # the prompt's processed images/videos
     token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
@@ -48,7 +50,8 @@ class Generation:
         metrics = self.ctx.metrics
         start = time.monotonic()
         first_token_at = None
-        agen = self.ctx.engine.generate(self.prompt_ids, self.params, self.request_id)
+        media = (self.media,) if self.media else ()  # an engine client without media support is asked as before
+        agen = self.ctx.engine.generate(self.prompt_ids, self.params, self.request_id, *media)
         try:
             async for out in agen:
                 i = out.index

@@ -35,6 +35,19 @@ class ServerMetrics:
         self.kv_usage = Gauge("s1serve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=self.registry)
         self.preemptions = Gauge("s1serve_num_preemptions", "Preemptions since start", registry=self.registry)
         self.prefix_hit_rate = Gauge("s1serve_prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache", registry=self.registry)
+        self.prefix_query_tokens = Gauge(
+            "s1serve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", registry=self.registry
+        )
+        self.prefix_hit_tokens = Gauge(
+            "s1serve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", registry=self.registry
+        )
+        self.mm_cache_queries = Gauge(
+            "s1serve_mm_cache_queries", "Images/videos looked up in the vision-feature cache", registry=self.registry
+        )
+        self.mm_cache_hits = Gauge(
+            "s1serve_mm_cache_hits", "Images/videos whose features came from the cache (not encoded again)",
+            registry=self.registry,
+        )
 
     def observe_engine(self, stats: EngineStats) -> None:
         """Engine gauges, read at scrape time."""
@@ -43,6 +56,10 @@ class ServerMetrics:
         self.kv_usage.set(1 - stats.num_free_blocks / stats.num_blocks)
         self.preemptions.set(stats.num_preemptions)
         self.prefix_hit_rate.set(stats.prefix_hit_tokens / stats.prefix_query_tokens if stats.prefix_query_tokens else 0)
+        self.prefix_query_tokens.set(stats.prefix_query_tokens)
+        self.prefix_hit_tokens.set(stats.prefix_hit_tokens)
+        self.mm_cache_queries.set(stats.mm_cache_queries)
+        self.mm_cache_hits.set(stats.mm_cache_hits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

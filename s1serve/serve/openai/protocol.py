@@ -124,6 +124,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
     echo: bool = False  # vLLM's (the last message echoed); refused with a 400
+    mm_processor_kwargs: Optional[dict[str, Any]] = None  # fps / num_frames (video), min_pixels / max_pixels (image)
 
     @model_validator(mode="after")
     def _tool_choice_matches_tools(self) -> "ChatCompletionRequest":

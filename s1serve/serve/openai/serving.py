@@ -16,6 +16,7 @@ from s1serve.serve.openai import render
 from s1serve.serve.openai.choice import ChoiceText
 from s1serve.serve.openai.errors import APIError
 from s1serve.serve.openai.generation import Generation
+from s1serve.serve.openai.media import media_parts, process_media
 from s1serve.serve.openai.prepare import (
     ServingContext,
     chat_constraint,
@@ -28,6 +29,7 @@ from s1serve.serve.openai.prepare import (
 from s1serve.serve.openai.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, random_id
 from s1serve.serve.parsers.reasoning import count_reasoning_tokens, prompt_opens_reasoning
 from s1serve.serve.parsers.response import ResponseParser
+from s1serve.multimodal.chat import MediaRef
 
 
 @dataclass
@@ -41,13 +43,14 @@ class ChatServing:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
 
-    def render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    def render(self, req: ChatCompletionRequest) -> tuple[str, list[int], list[MediaRef]]:
+        """The templated prompt, its ids, and the media items its placeholders stand for (ids not yet expanded)."""
+        messages, refs = media_parts([m.model_dump(exclude_none=True) for m in req.messages], self.ctx.media)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
         prompt = render_chat_prompt(
             self.ctx.tokenizer, messages, tools, req.add_generation_prompt, req.chat_template_kwargs
         )
-        return prompt, self.ctx.tokenizer.encode(prompt)
+        return prompt, self.ctx.tokenizer.encode(prompt), refs
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:
         def item(token_id: int, logprob: float) -> dict:
@@ -63,7 +66,10 @@ class ChatServing:
         check_model(ctx, req.model)
         if req.echo:
             raise APIError(400, "echo is not supported for chat completions (it is for /v1/completions)", "echo")
-        prompt, prompt_ids = self.render(req)
+        prompt, prompt_ids, refs = self.render(req)
+        media = ()
+        if refs:
+            prompt_ids, media = await process_media(ctx.media, prompt, refs, req.mm_processor_kwargs)
         max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.max_new_tokens)
         opens_reasoning = prompt_opens_reasoning(prompt)
         starts_in_reasoning = ctx.reasoning_parser is not None and opens_reasoning
@@ -79,7 +85,7 @@ class ChatServing:
             ChoiceText.create(response_parser(ctx, starts_in_reasoning, tool_names, req.parallel_tool_calls), req.stop, req.include_stop_str_in_output)
             for _ in range(req.n)
         ]
-        gen = Generation(ctx, random_id("chatcmpl-"), prompt_ids, params, choices)
+        gen = Generation(ctx, random_id("chatcmpl-"), prompt_ids, params, choices, media=media)
         reasoning_ids = None
         if ctx.reasoning_parser is not None:
             reasoning_ids = dict(
