@@ -230,7 +230,7 @@ def config_only(tmp_path_factory):
     (["--api-server-count", "4"], "--api-server-count 4: not yet honoured"),
     (["--dp", "2", "--api-server-count", "4"], "one API server per local DP rank (2 on this node)"),
     (["--media-io-kwargs", '{"video": {"frames": 3}}'], "--media-io-kwargs: video takes"),
-    (["--limit-mm-per-prompt", '{"image": 2}'], "--limit-mm-per-prompt"),
+    (["--limit-mm-per-prompt", '{"image": -1}'], "--limit-mm-per-prompt: expected"),
     (["--server-port", "70000"], "--server-port 70000 is not a port"),
     (["--dp", "2", "--server-port", "65535"], "--server-port + DP rank 65536 is not a port"),
 ])

@@ -15,10 +15,10 @@ from s1serve.serve.openai.protocol import ChatCompletionRequest
 from s1serve.serve.openai.serving import ChatServing, PreparedChat
 
 
-def prepare(chat: ChatServing, req: ChatCompletionRequest, reasoning_budget: int | None = None) -> BlockRun:
+async def prepare(chat: ChatServing, req: ChatCompletionRequest, reasoning_budget: int | None = None) -> BlockRun:
     """A translated request ready to run; a constraint that cannot be built (a bad tool schema) is a 400."""
     try:
-        return BlockRun(chat.prepare(req, reasoning_budget))
+        return BlockRun(await chat.prepare(req, reasoning_budget))
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
 

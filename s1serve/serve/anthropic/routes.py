@@ -47,7 +47,7 @@ class MessagesServing:
 
     async def create(self, req: MessagesRequest) -> Response:
         translation = to_chat(req)
-        run = prepare(self.chat, translation.chat, translation.reasoning_budget)
+        run = await prepare(self.chat, translation.chat, translation.reasoning_budget)
         renderer = MessageRenderer(random_id("msg_"), self.chat.ctx.model_name)
         if req.stream:
             return StreamingResponse(self._stream(run, renderer), media_type="text/event-stream")
@@ -72,10 +72,10 @@ class MessagesServing:
         finally:
             self.chat.ctx.metrics.requests.labels("messages", outcome).inc()
 
-    def count_tokens(self, req: CountTokensRequest) -> JSONResponse:
+    async def count_tokens(self, req: CountTokensRequest) -> JSONResponse:
         chat = count_request(req)
         check_model(self.chat.ctx, chat.model)
-        _, prompt_ids = self.chat.render(chat)
+        _, prompt_ids, _ = await self.chat.prompt(chat)
         return JSONResponse({"input_tokens": len(prompt_ids)})
 
 
@@ -92,6 +92,6 @@ def add_messages_routes(app: FastAPI, chat: ChatServing) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         try:
-            return serving.count_tokens(await _body(request, CountTokensRequest))
+            return await serving.count_tokens(await _body(request, CountTokensRequest))
         except APIError as exc:
             return error_response(exc.status, exc.message)

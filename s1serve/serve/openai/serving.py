@@ -52,6 +52,14 @@ class ChatServing:
         )
         return prompt, self.ctx.tokenizer.encode(prompt), refs
 
+    async def prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int], tuple]:
+        """The templated prompt, its ids with each media item's pads expanded, and the processed media."""
+        prompt, prompt_ids, refs = self.render(req)
+        if not refs:
+            return prompt, prompt_ids, ()
+        prompt_ids, media = await process_media(self.ctx.media, prompt, refs, req.mm_processor_kwargs)
+        return prompt, prompt_ids, media
+
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:
         def item(token_id: int, logprob: float) -> dict:
             text = self.ctx.token_text(token_id)
@@ -59,17 +67,14 @@ class ChatServing:
 
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
 
-    def prepare(self, req: ChatCompletionRequest, reasoning_budget: int | None = None) -> PreparedChat:
+    async def prepare(self, req: ChatCompletionRequest, reasoning_budget: int | None = None) -> PreparedChat:
         """Render, limits, sampling parameters, constraint and parsers of a chat request, ready to run. The
         Responses and Messages APIs translate their requests into a chat request and run it through here too."""
         ctx = self.ctx
         check_model(ctx, req.model)
         if req.echo:
             raise APIError(400, "echo is not supported for chat completions (it is for /v1/completions)", "echo")
-        prompt, prompt_ids, refs = self.render(req)
-        media = ()
-        if refs:
-            prompt_ids, media = await process_media(ctx.media, prompt, refs, req.mm_processor_kwargs)
+        prompt, prompt_ids, media = await self.prompt(req)
         max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.max_new_tokens)
         opens_reasoning = prompt_opens_reasoning(prompt)
         starts_in_reasoning = ctx.reasoning_parser is not None and opens_reasoning
@@ -98,7 +103,7 @@ class ChatServing:
 
     async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         ctx = self.ctx
-        prepared = self.prepare(req)
+        prepared = await self.prepare(req)
         gen, choices, reasoning_ids = prepared.gen, prepared.gen.choices, prepared.reasoning_ids
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

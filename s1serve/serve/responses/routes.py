@@ -50,7 +50,7 @@ class ResponsesServing:
 
     async def create(self, req: ResponsesRequest) -> JSONResponse | StreamingResponse:
         translation = to_chat(req, self.store)
-        run = prepare(self.chat, translation.chat)
+        run = await prepare(self.chat, translation.chat)
         renderer = ResponseRenderer(req, random_id("resp_"), self.chat.ctx.model_name)
         metrics = self.chat.ctx.metrics
         if req.stream:
