@@ -12,7 +12,7 @@ Sockets (both bound here; s1serve.entrypoints picks the addresses and starts the
 A client that has gone away (its API server process died) cannot be routed to any more: its requests are
 aborted, so their KV blocks are freed, and the engine goes on serving the other clients. The loop ends on SIGTERM
 (open requests are dropped, the runner's other ranks stopped); a step that raises, or a runner failure (a TP/EP
-follower died), ends the process with status 1, which every API server notices at once.
+follower died), ends the process with status 1, which every API server notices at once (and reads why from the death note).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import pickle
 import signal
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -33,6 +35,7 @@ from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import InvalidParameterError
 
 HELLO = b"hello"
+DEATH_NOTE = "death"  # file beside the sockets: why the engine process ended, for the API servers' 503s
 IDLE_TICK_S = (0.001, 0.01)  # pause between heartbeat ticks when no rank has work: doubling up to the maximum
 
 log = logging.getLogger("s1serve.engine_core")
@@ -50,15 +53,35 @@ def decode(frame: bytes) -> tuple[Any, ...]:
     return pickle.loads(frame)
 
 
+@dataclass(frozen=True)
+class EngineAddresses:
+    """Where an engine process listens, and where it leaves the reason it died: all in one private folder."""
+
+    folder: Path
+
+    @property
+    def inputs(self) -> str:
+        return f"ipc://{self.folder / 'requests'}"
+
+    @property
+    def outputs(self) -> str:
+        return f"ipc://{self.folder / 'outputs'}"
+
+    @property
+    def death_note(self) -> Path:
+        return self.folder / DEATH_NOTE
+
+
 class EngineCore:
-    def __init__(self, engine: Engine, input_address: str, output_address: str):
+    def __init__(self, engine: Engine, addresses: EngineAddresses):
         self.engine = engine
+        self.addresses = addresses
         self._context = zmq.Context()
         self._inputs = self._context.socket(zmq.PULL)
-        self._inputs.bind(input_address)
+        self._inputs.bind(addresses.inputs)
         self._outputs = self._context.socket(zmq.ROUTER)
         self._outputs.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises instead of vanishing
-        self._outputs.bind(output_address)
+        self._outputs.bind(addresses.outputs)
         self._poller = zmq.Poller()
         self._poller.register(self._inputs, zmq.POLLIN)
         self._poller.register(self._outputs, zmq.POLLIN)
@@ -68,7 +91,7 @@ class EngineCore:
     def run(self) -> None:
         """Serves until SIGTERM; then drops open requests and stops the runner's other ranks."""
         engine, runner = self.engine, self.engine.runner
-        runner.on_failure(_exit_on_failure)
+        runner.on_failure(self._exit_on_failure)
         previous = signal.signal(signal.SIGTERM, _raise_stop)
         pause = IDLE_TICK_S[0]
         try:
@@ -83,6 +106,9 @@ class EngineCore:
                     pause = min(2 * pause, IDLE_TICK_S[1])
         except _Stop:
             log.info("SIGTERM: stopping the engine")
+        except BaseException as exc:
+            self._leave_death_note(f"the engine failed: {type(exc).__name__}: {exc}")
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
             self._context.destroy(linger=0)
@@ -161,13 +187,18 @@ class EngineCore:
             del self._owners[request_id]
             self.engine.abort(request_id)
 
+    def _exit_on_failure(self, error: BaseException) -> None:
+        """A rank of the runner failed (from a supervising thread; the loop may be stuck in a collective)."""
+        log.error("the engine's runner failed: %s", error)
+        self._leave_death_note(str(error))
+        logging.shutdown()
+        os._exit(1)
+
+    def _leave_death_note(self, reason: str) -> None:
+        staging = self.addresses.death_note.with_suffix(".tmp")
+        staging.write_text(reason)
+        staging.rename(self.addresses.death_note)  # whole or absent for a reader
+
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop()
-
-
-def _exit_on_failure(error: BaseException) -> None:
-    """A rank of the runner failed (from a supervising thread; the loop may be stuck in a collective)."""
-    log.error("the engine's runner failed: %s", error)
-    logging.shutdown()
-    os._exit(1)

@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from s1serve.engine.client import EngineDeadError
-from s1serve.engine.core import HELLO, decode, encode
+from s1serve.engine.core import HELLO, EngineAddresses, decode, encode
 from s1serve.engine.engine import EngineStats
 from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
@@ -40,20 +40,21 @@ _DONE = object()  # end of a request's stream
 
 
 class EngineProcessClient:
-    def __init__(self, input_address: str, output_address: str, engine_pid: int, owns_engine: bool = False):
+    def __init__(self, addresses: EngineAddresses, engine_pid: int, owns_engine: bool = False):
         """Connects and waits until the engine process has loaded its model; EngineDeadError if it ends first.
         `owns_engine`: close() stops the engine process too (the single API server in front of it)."""
         self.engine_pid = engine_pid
+        self._death_note = addresses.death_note
         self._owns_engine = owns_engine
         self._identity = f"api-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
         self._prefix = self._identity.decode() + "/"
         self._context = zmq.Context()
         self._push = self._context.socket(zmq.PUSH)
-        self._push.connect(input_address)
+        self._push.connect(addresses.inputs)
         self._push_lock = threading.Lock()
         self._dealer = self._context.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.IDENTITY, self._identity)
-        self._dealer.connect(output_address)
+        self._dealer.connect(addresses.outputs)
         self._pidfd = os.pidfd_open(engine_pid)
         # request id (namespaced) -> (stream, loop); call id -> future. Added and removed on their event loop.
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
@@ -186,12 +187,19 @@ class EngineProcessClient:
                             break
                         self._dispatch(decode(frame))
                 if self._pidfd in events:
-                    self._fail(RuntimeError(f"the engine process (pid {self.engine_pid}) has exited"))
+                    self._fail(RuntimeError(self._why_dead()))
         except zmq.ContextTerminated:
             pass
         finally:
             self._context.destroy(linger=0)
             os.close(self._pidfd)
+
+    def _why_dead(self) -> str:
+        ended = f"the engine process (pid {self.engine_pid}) has exited"
+        try:
+            return f"{ended}: {self._death_note.read_text()}"
+        except FileNotFoundError:
+            return ended
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]

@@ -28,7 +28,7 @@ from s1serve.distributed.launcher import FAILURE_GRACE_S, Child, run_dp_ranks, r
 from s1serve.distributed.worker import RankSpec, die_with_parent
 from s1serve.engine.client import EngineDeadError
 from s1serve.engine.config import EngineConfig
-from s1serve.engine.core import EngineCore
+from s1serve.engine.core import EngineAddresses, EngineCore
 from s1serve.engine.core_client import EngineProcessClient, stop_process
 from s1serve.entrypoints.engine import build_engine
 from s1serve.errors import S1ServeError
@@ -62,7 +62,7 @@ def serve_rank(args: argparse.Namespace, parallel: ParallelConfig, rank: int = 0
     dies (1). With --api-server-count 1 this process is the API server, else it supervises them."""
     port = args.server_port + (rank if parallel.dp > 1 else 0)
     with tempfile.TemporaryDirectory(prefix="s1serve-ipc-") as folder:
-        addresses = (f"ipc://{folder}/requests", f"ipc://{folder}/outputs")
+        addresses = EngineAddresses(Path(folder))
         (core,) = spawn(run_engine_core, [(args, parallel, rank, addresses)], [f"engine-core-{rank}"])
         try:
             if args.api_server_count == 1:
@@ -76,15 +76,15 @@ def serve_rank(args: argparse.Namespace, parallel: ParallelConfig, rank: int = 0
             core.popen.wait()
 
 
-def serve_api(args: argparse.Namespace, port: int, addresses: tuple[str, str], engine_pid: int,
+def serve_api(args: argparse.Namespace, port: int, addresses: EngineAddresses, engine_pid: int,
               owns_engine: bool = False, sock: socket.socket | None = None) -> int:
     """An API server process: tokenises, renders and streams; the engine is in process `engine_pid`."""
     tokenizer = load_tokenizer(args.model)
-    engine = EngineProcessClient(*addresses, engine_pid, owns_engine=owns_engine)
+    engine = EngineProcessClient(addresses, engine_pid, owns_engine=owns_engine)
     return serve_http(engine, tokenizer, args, port, FAILURE_GRACE_S, sock)
 
 
-def run_engine_core(args: argparse.Namespace, parallel: ParallelConfig, rank: int, addresses: tuple[str, str],
+def run_engine_core(args: argparse.Namespace, parallel: ParallelConfig, rank: int, addresses: EngineAddresses,
                     parent_pid: int) -> None:
     """The engine process: the model (rank `rank`, driving its TP/EP followers) and the engine loop."""
     die_with_parent(parent_pid)
@@ -97,10 +97,10 @@ def run_engine_core(args: argparse.Namespace, parallel: ParallelConfig, rank: in
     except (S1ServeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    EngineCore(engine, *addresses).run()
+    EngineCore(engine, addresses).run()
 
 
-def _run_api_servers(args: argparse.Namespace, port: int, addresses: tuple[str, str], core: Child) -> int:
+def _run_api_servers(args: argparse.Namespace, port: int, addresses: EngineAddresses, core: Child) -> int:
     """--api-server-count N: N API server processes sharing `port` (SO_REUSEPORT). One that ends is logged and the
     others serve on; the engine's end ends them all (1). SIGTERM / SIGINT stop everything (0)."""
     count = args.api_server_count
@@ -129,7 +129,7 @@ def _run_api_servers(args: argparse.Namespace, port: int, addresses: tuple[str, 
     return 0 if stopping.is_set() else 1 if core.exitcode is not None else max(codes) or 1
 
 
-def _api_server_process(args: argparse.Namespace, port: int, addresses: tuple[str, str], engine_pid: int,
+def _api_server_process(args: argparse.Namespace, port: int, addresses: EngineAddresses, engine_pid: int,
                         parent_pid: int) -> None:
     """One of --api-server-count API server processes (started by _run_api_servers)."""
     die_with_parent(parent_pid)
