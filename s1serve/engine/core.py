@@ -81,6 +81,7 @@ class EngineCore:
         self._inputs.bind(addresses.inputs)
         self._outputs = self._context.socket(zmq.ROUTER)
         self._outputs.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises instead of vanishing
+        self._outputs.setsockopt(zmq.SNDHWM, 0)  # a client that lags is queued for, never dropped nor waited on
         self._outputs.bind(addresses.outputs)
         self._poller = zmq.Poller()
         self._poller.register(self._inputs, zmq.POLLIN)

@@ -50,12 +50,17 @@ class EngineProcessClient:
         self._prefix = self._identity.decode() + "/"
         self._context = zmq.Context()
         self._push = self._context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, 0)  # while the engine is in a long step, requests queue up here
         self._push.connect(addresses.inputs)
         self._push_lock = threading.Lock()
         self._dealer = self._context.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.IDENTITY, self._identity)
         self._dealer.connect(addresses.outputs)
-        self._pidfd = os.pidfd_open(engine_pid)
+        try:
+            self._pidfd = os.pidfd_open(engine_pid)
+        except ProcessLookupError:
+            self._context.destroy(linger=0)
+            raise EngineDeadError(f"the engine process (pid {engine_pid}) has ended") from None
         # request id (namespaced) -> (stream, loop); call id -> future. Added and removed on their event loop.
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._calls: dict[int, asyncio.Future] = {}
