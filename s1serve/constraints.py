@@ -59,5 +59,5 @@ class Limits:
 class Constraint:
     """A grammar in llguidance's Lark dialect; equal constraints share one compiled grammar."""
 
-    kind: str  # "tool_calls" or "json"
+    kind: str  # "tool_calls", "json" or "reasoning_budget"
     grammar: str

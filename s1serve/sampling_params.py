@@ -84,12 +84,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     constraint: Constraint | None = None  # a grammar the output must follow (tool_choice, response_format)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to that token's logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         self._check()
 
     def _check(self) -> None:
@@ -124,6 +127,11 @@ class SamplingParams:
             raise bad("stop_token_ids", f"must be token ids >= 0, got {list(self.stop_token_ids)!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for token, value in self.logit_bias:
+            if not _is_int(token) or token < 0:
+                raise bad("logit_bias", f"keys must be token ids >= 0, got {token!r}")
+            if not _is_number(value) or not -100 <= value <= 100:
+                raise bad("logit_bias", f"values must be in [-100, 100], got {value!r} for token {token}")
         if self.n > 1 and self.temperature == 0:
             raise bad("n", f"must be 1 with greedy sampling (temperature 0), got {self.n}")
 

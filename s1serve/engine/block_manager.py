@@ -81,6 +81,8 @@ class BlockManager:
         seq.num_computed_tokens = len(cached) * self.block_size
         self.prefix_queries += seq.num_tokens
         self.prefix_hits += seq.num_computed_tokens
+        if seq.num_tokens == seq.num_prompt_tokens:  # not a preempted sequence coming back
+            seq.num_prefix_hit_tokens = seq.num_computed_tokens
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_for(num_tokens) - len(seq.block_table) <= self.num_free_blocks

@@ -224,6 +224,9 @@ class Engine:
             seq.logprobs.append(logprob)
         if token in request.stop_ids:
             self._finish(seq, "stop", token if token in params.stop_token_ids else None)
+        elif seq.grammar is not None and seq.grammar.is_finished():
+            # The constrained output is complete (its end token accepted): nothing may follow, even with ignore_eos.
+            self._finish(seq, "stop")
         elif (stop := seq.text.append(token)) is not None:
             self._finish(seq, "stop", stop)
         elif (params.max_tokens is not None and seq.num_tokens - seq.num_prompt_tokens >= params.max_tokens) or (
@@ -251,6 +254,7 @@ class Engine:
             logprobs=([logprob] if logprob is not None else []) if wants_logprobs else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
+            num_cached_tokens=seq.num_prefix_hit_tokens,
         )
 
     # ---------------------------------------------------------------------------------------------- statistics

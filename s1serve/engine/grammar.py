@@ -24,6 +24,9 @@ class Matcher(Protocol):
     def accept(self, token_id: int) -> None:
         """Advance past a sampled token; a token the grammar does not allow raises."""
 
+    def is_finished(self) -> bool:
+        """True once the grammar's end token was accepted: the constrained output is complete."""
+
 
 class Grammars(Protocol):
     def validate(self, constraint: Constraint) -> None:

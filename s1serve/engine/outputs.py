@@ -18,6 +18,7 @@ class OutputDelta:
     logprobs: list[TokenLogprob] | None  # of the new ids, when the request asked for logprobs
     finish_reason: str | None  # "stop", "length" or "abort" on the sample's last delta
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the prompt was admitted
 
 
 @dataclass

@@ -56,6 +56,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # content hashes of the leading full blocks
     num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
+    num_prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache when the prompt was first admitted
     status: SequenceStatus = SequenceStatus.WAITING
     pending_forks: int = 0  # samples still to fork from this sequence once its prompt is computed
     logprobs: list[TokenLogprob] = field(default_factory=list)

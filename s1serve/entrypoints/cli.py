@@ -1,20 +1,38 @@
-"""The `s1serve` command. User errors print one line (`error: ...`) and exit with status 2."""
+"""The `s1serve` command, and `python -m s1serve.launch_server` (SGLang's flags). A bad flag prints the usage of
+the command that got it; other user errors print one line (`error: ...`); both exit with status 2.
+
+The three dialects of the deployment guide run the same server: `s1serve serve api_server` (LMDeploy's flags),
+`s1serve vllm-serve` (vLLM's) and `python -m s1serve.launch_server` (SGLang's), the last two translated onto the
+first by s1serve.entrypoints.dialects.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from s1serve.engine.config import EngineConfig, add_engine_args
+from s1serve.entrypoints.argparsing import Parser, dash_spelling
+from s1serve.entrypoints.dialects import (
+    INTERNAL_COMMAND, add_media_and_process_arguments, add_sglang_arguments, add_vllm_arguments, translate,
+)
+from s1serve.entrypoints.preflight import check_before_launch
 from s1serve.errors import S1ServeError
 from s1serve.parallel.config import ParallelConfig, add_parallel_args
 from s1serve.serve.openai.arguments import add_api_server_arguments
 from s1serve.serve.proxy.config import add_proxy_parser
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as s1serve.entrypoints.api_server's
+SGLANG_PROG = "python -m s1serve.launch_server"
+log = logging.getLogger("s1serve.cli")
 
 DEMO_PRESET = "tiny"
 DEMO_SEED = 0
@@ -74,24 +92,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve_demo(args: argparse.Namespace) -> int:
+def serve_demo(server_args: list[str]) -> int:
     """`make serve`: the OpenAI-compatible server with the guide's parsers on the embedded demo checkpoint."""
     model = demo_checkpoint()
     print(f"demo checkpoint: {model}", flush=True)
     return main(["serve", "api_server", str(model), "--model-name", "intern-s1-pro-demo", "--dtype", "float32",
-                 "--reasoning-parser", "intern-s1", "--tool-call-parser", "qwen3", *args.server_args])
+                 "--reasoning-parser", "intern-s1", "--tool-call-parser", "qwen3", *server_args])
 
 
-def cmd_api_server(args: argparse.Namespace) -> int:
-    ParallelConfig.from_namespace(args)  # a bad shape fails here, before torch is imported
+def cmd_api_server(args: argparse.Namespace, notes: tuple[str, ...] = ()) -> int:
+    """Checks everything it can (s1serve.entrypoints.preflight) before torch is imported or a rank starts."""
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    for line in notes:
+        log.info("%s", line)
+    _, checked = check_before_launch(args)
+    for line in checked:
+        log.info("%s", line)
 
     from s1serve.entrypoints.api_server import run_api_server
 
     return run_api_server(args)
 
 
+def add_api_server_parser_arguments(parser: argparse.ArgumentParser) -> None:
+    add_api_server_arguments(parser)
+    add_media_and_process_arguments(parser)
+
+
+def api_server_args(
+    dialect: str, label: str, args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[argparse.Namespace, list[str]]:
+    """Another server's flags (`args`, parsed by `parser` from `args.argv`) as the api_server flags they map onto,
+    with one log line per flag given and the equivalent api_server command line."""
+    internal = Parser(prog=INTERNAL_COMMAND)
+    add_api_server_parser_arguments(internal)
+    translation = translate(dialect, args, args.argv, parser, internal)
+    notes = [f"{label}: {note}" for note in translation.notes]
+    notes.append(f"{label}: runs as {INTERNAL_COMMAND} {shlex.join(translation.argv)}")
+    return internal.parse_args(translation.argv), notes
+
+
+def run_dialect(dialect: str, label: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    server_args, notes = api_server_args(dialect, label, args, parser)
+    return cmd_api_server(server_args, tuple(notes))
+
+
+def cmd_vllm_serve(args: argparse.Namespace) -> int:
+    return run_dialect("vllm", "vllm-serve", args, args.parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="s1serve", description="Serve Intern-S1-Pro.")
+    parser = Parser(prog="s1serve", description="Serve Intern-S1-Pro.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser("make-tiny", help="write a random checkpoint in the published layout")
@@ -121,26 +172,56 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="serve api_server | proxy").add_subparsers(dest="server", required=True)
-    api = serve.add_parser("api_server", help="the OpenAI-compatible API server")
-    add_api_server_arguments(api)
+    api = serve.add_parser("api_server", help="the OpenAI-compatible API server (LMDeploy's flags)")
+    add_api_server_parser_arguments(api)
     api.set_defaults(func=cmd_api_server)
     add_proxy_parser(serve)
 
-    demo = sub.add_parser(
+    vllm = sub.add_parser(
+        "vllm-serve", help="the API server started with `vllm serve`'s flags",
+        description=f"`vllm serve MODEL ...` as s1serve: each flag is mapped onto `{INTERNAL_COMMAND}` (logged at "
+                    "start) or refused by name.",
+    )
+    add_vllm_arguments(vllm)
+    vllm.set_defaults(func=cmd_vllm_serve, parser=vllm)
+
+    sub.add_parser(
         "serve-demo", help="api_server on the embedded demo checkpoint (what `make serve` runs); takes api_server flags"
     )
-    demo.set_defaults(func=cmd_serve_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "serve-demo":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.server_args = extra
+def _reporting_errors(run: Callable[[], int]) -> int:
     try:
-        return args.func(args)
+        return run()
     except (S1ServeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = dash_spelling(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve-demo"] and not {"-h", "--help"} & set(argv[1:]):
+        return _reporting_errors(lambda: serve_demo(argv[1:]))
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return _reporting_errors(lambda: args.func(args))
+
+
+def launch_server_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=SGLANG_PROG,
+        description=f"`python -m sglang.launch_server ...` as s1serve: each flag is mapped onto `{INTERNAL_COMMAND}` "
+                    "(logged at start) or refused by name.",
+    )
+    add_sglang_arguments(parser)
+    return parser
+
+
+def main_launch_server(argv: list[str] | None = None) -> int:
+    """`python -m s1serve.launch_server ...`: SGLang's flags, mapped onto `s1serve serve api_server`."""
+    parser = launch_server_parser()
+    argv = dash_spelling(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return _reporting_errors(lambda: run_dialect("sglang", "launch_server", args, parser))

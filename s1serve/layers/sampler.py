@@ -70,6 +70,19 @@ def apply_penalties(
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Adds each row's own logit_bias to its logits; a row's result never depends on the other rows."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        ids = torch.tensor([t for t, _ in params[i].logit_bias], dtype=torch.long, device=logits.device)
+        bias = torch.tensor([b for _, b in params[i].logit_bias], dtype=logits.dtype, device=logits.device)
+        logits[i].index_add_(0, ids, bias)
+    return logits
+
+
 def filtered_candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature-scaled candidate logits [R, C] sorted descending, with those top-k, top-p or min-p remove set
     to -inf, and their token ids [R, C]. logits: float32 [R, vocab]; no row may be greedy."""
@@ -108,7 +121,7 @@ class Sampler:
     ) -> SamplerOutput:
         """logits: float32 [R, vocab], one row per sequence; params have their defaults filled in."""
         raw = logits
-        logits = apply_penalties(logits, params, prompt_ids, output_ids)
+        logits = apply_logit_bias(apply_penalties(logits, params, prompt_ids, output_ids), params)
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:

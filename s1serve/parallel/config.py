@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 
 BACKENDS = ("mp", "ray")
-ADDR_ENV = ("S1SERVE_DP_MASTER_ADDR", "S1SERVE_DP_MASTER_PORT")
+# Where the ranks meet when --dist-init-addr is not given; LMDeploy's names (the guide's) are read too.
+ADDR_ENVS = (("S1SERVE_DP_MASTER_ADDR", "S1SERVE_DP_MASTER_PORT"), ("LMDEPLOY_DP_MASTER_ADDR", "LMDEPLOY_DP_MASTER_PORT"))
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,15 @@ class ParallelConfig:
 
     @property
     def address(self) -> str | None:
-        """--dist-init-addr, else S1SERVE_DP_MASTER_ADDR:S1SERVE_DP_MASTER_PORT when both are set."""
+        """--dist-init-addr, else S1SERVE_DP_MASTER_ADDR:S1SERVE_DP_MASTER_PORT when both are set, else the same
+        from LMDEPLOY_DP_MASTER_ADDR/_PORT."""
         if self.dist_init_addr:
             return self.dist_init_addr
-        host, port = (os.environ.get(name) for name in ADDR_ENV)
-        return f"{host}:{port}" if host and port else None
+        for names in ADDR_ENVS:
+            host, port = (os.environ.get(name) for name in names)
+            if host and port:
+                return f"{host}:{port}"
+        return None
 
     @property
     def is_distributed(self) -> bool:
@@ -124,7 +129,8 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--node-rank", type=int, default=0, help="this node's index (0 hosts the API server)")
     group.add_argument(
         "--dist-init-addr", default=None,
-        help="HOST:PORT where the ranks meet (default: S1SERVE_DP_MASTER_ADDR/_PORT, else a free loopback port)",
+        help="HOST:PORT where the ranks meet (default: S1SERVE_DP_MASTER_ADDR/_PORT or LMDEPLOY_DP_MASTER_ADDR/_PORT, "
+             "else a free loopback port)",
     )
     group.add_argument("--headless", action="store_true", help="run this node's workers only, no API server")
     group.add_argument(

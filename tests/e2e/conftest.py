@@ -96,3 +96,10 @@ def client(api_server):
     from openai import OpenAI
 
     return OpenAI(base_url=api_server.v1, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def anthropic_client(api_server):
+    from anthropic import Anthropic
+
+    return Anthropic(base_url=api_server.base_url, api_key=API_KEY, max_retries=0, timeout=120)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from s1serve.layers.sampler import Sampler, apply_penalties, keep_mask
-from s1serve.sampling_params import SamplingParams
+from s1serve.layers.sampler import Sampler, apply_logit_bias, apply_penalties, keep_mask
+import pytest
+
+from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
 V = 1000
 
@@ -93,6 +95,34 @@ def test_penalties_match_direct_computation():
     for t, count in {4: 1, 8: 3}.items():
         want[1, t] = x[1, t] - 0.5 - 0.25 * count
     assert torch.allclose(got, want, atol=1e-6) and torch.equal(got[2], x[2])
+
+
+def test_logit_bias_adds_to_its_own_row_only():
+    x = torch.randn(3, V, generator=torch.Generator().manual_seed(6))
+    ps = [params(logit_bias={7: 5.0, 11: -100}), params(), params(logit_bias=((7, -2.5),))]
+    got = apply_logit_bias(x, ps)
+    want = x.clone()
+    want[0, 7] += 5.0
+    want[0, 11] -= 100
+    want[2, 7] -= 2.5
+    assert torch.equal(got, want)
+    assert torch.equal(apply_logit_bias(x[2:3], ps[2:]), got[2:3])  # the same alone as in the batch
+
+
+def test_logit_bias_steers_sampling_the_same_alone_or_in_a_batch():
+    x = logits(8, seed=7)
+    ps = [params(temperature=0.7, logit_bias={3 * i: 100}) if i % 2 else params(temperature=0.7) for i in range(8)]
+    sampler = Sampler()
+    batch = sampler(x, ps, [torch.Generator().manual_seed(i) for i in range(8)], [[]] * 8, [[]] * 8)
+    alone = [sampler(x[i : i + 1], [ps[i]], [torch.Generator().manual_seed(i)], [[]], [[]]).token_ids[0] for i in range(8)]
+    assert batch.token_ids == alone
+    assert [batch.token_ids[i] for i in range(1, 8, 2)] == [3 * i for i in range(1, 8, 2)]
+
+
+@pytest.mark.parametrize("bias, needle", [({-1: 1.0}, "token ids"), ({5: 100.5}, r"\[-100, 100\]"), ({5: "x"}, "values")])
+def test_bad_logit_bias_is_refused(bias, needle):
+    with pytest.raises(InvalidParameterError, match=needle):
+        SamplingParams(logit_bias=bias)
 
 
 def test_samples_follow_the_filtered_distribution():

@@ -15,7 +15,12 @@ from s1serve.config import load_model_config
 from s1serve.constraints import Constraint, Limits, StructuredOutputError
 from s1serve.engine.grammar import apply_bitmask, bitmask_width
 from s1serve.engine.structured_output import GrammarCompiler, GrammarViolationError
-from s1serve.serve.openai.grammars import bound_schema, json_constraint, tool_call_constraint
+from s1serve.serve.openai.grammars import (
+    bound_schema,
+    json_constraint,
+    reasoning_budget_constraint,
+    tool_call_constraint,
+)
 from s1serve.tokenizer import load_tokenizer
 from weather_tools import WEATHER_TOOLS
 
@@ -445,3 +450,23 @@ def test_bound_schema_rules():
     unbounded = bound_schema(schema, None)
     assert "maxLength" not in unbounded["properties"]["s"] and unbounded["additionalProperties"] is False
     assert unbounded["properties"]["open"]["additionalProperties"] is True  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("budget", [0, 3, 9])
+def test_reasoning_budget_closes_the_thinking_in_time_and_leaves_the_answer_free(compiler, ids, budget):
+    constraint = reasoning_budget_constraint(Limits(reasoning_tokens=budget))
+    matcher = compiler.matcher(constraint)
+    gen = torch.Generator().manual_seed(budget)
+    out: list[int] = []
+    while ids["</think>"] not in out:
+        assert len(out) <= budget, "the thinking ran past its budget"
+        allowed = matcher.allowed_token_mask().nonzero().flatten()
+        token = int(allowed[torch.randint(len(allowed), (1,), generator=gen)])
+        matcher.accept(token)
+        out.append(token)
+    assert out.count(ids["<tool_call>"]) == 0  # the thinking cannot call; the answer can:
+    allowed = matcher.allowed_token_mask()
+    assert allowed[ids["<tool_call>"]] and allowed[ids["</tool_call>"]] and allowed[ids["<|im_end|>"]]
+    assert allowed.sum() > 100_000  # free text after the thinking
+    with pytest.raises(StructuredOutputError, match="reasoning_tokens"):
+        reasoning_budget_constraint(Limits())

@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, Response
 
 from s1serve.engine.client import EngineClient, EngineDeadError
 from s1serve.sampling_params import InvalidParameterError, check_token_ids
+from s1serve.serve.anthropic.errors import error_response as anthropic_error_response
+from s1serve.serve.anthropic.routes import add_messages_routes
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
@@ -30,10 +32,12 @@ from s1serve.serve.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from s1serve.serve.openai.prepare import ServingContext
+from s1serve.serve.openai.prepare import ServingContext, render_chat_prompt
 from s1serve.serve.openai.serving import ChatServing, CompletionServing
+from s1serve.serve.openai.unicode_check import RejectLoneSurrogates
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import advertised_url, proxy_membership
+from s1serve.serve.responses.routes import add_responses_routes
 from s1serve.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 8 << 20
@@ -85,8 +89,12 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     async def _auth(request: Request, call_next: Any) -> Response:
         if api_keys and request.url.path.startswith("/v1/"):
             header = request.headers.get("authorization", "")
-            if not header.startswith("Bearer ") or header[len("Bearer ") :] not in api_keys:
-                return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')")
+            key = header[len("Bearer ") :] if header.startswith("Bearer ") else request.headers.get("x-api-key")
+            if key not in api_keys:
+                message = "missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')"
+                if request.url.path.startswith("/v1/messages"):
+                    return anthropic_error_response(401, message)
+                return error_response(401, message)
         return await call_next(request)
 
     @app.get("/health")
@@ -113,6 +121,9 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         return await chat.create(body)
 
+    add_responses_routes(app, chat)
+    add_messages_routes(app, chat)
+
     @app.post("/v1/completions")
     async def text_completions(body: CompletionRequest) -> Response:
         return await completions.create(body)
@@ -120,10 +131,9 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
         if body.messages is not None:
-            prompt = ctx.tokenizer.apply_chat_template(
-                [m.model_dump(exclude_none=True) for m in body.messages],
-                add_generation_prompt=body.add_generation_prompt,
-                **(body.chat_template_kwargs or {}),
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            prompt = render_chat_prompt(
+                ctx.tokenizer, messages, None, body.add_generation_prompt, body.chat_template_kwargs
             )
         else:
             prompt = body.prompt
@@ -185,7 +195,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
 
     app = build_app(ctx, tuple(args.api_keys), lifespan)
     server = uvicorn.Server(
-        uvicorn.Config(BodySizeLimit(app, MAX_BODY_BYTES), host=args.server_name, port=port, log_level=args.log_level)
+        uvicorn.Config(BodySizeLimit(RejectLoneSurrogates(app), MAX_BODY_BYTES), host=args.server_name, port=port, log_level=args.log_level)
     )
 
     def exit_soon(error: BaseException) -> None:

@@ -23,6 +23,7 @@ class ChoiceText:
     text: str = ""  # the choice's output text, cut at a matched stop string
     released: int = 0  # text[:released] has been handed to the parser
     stopped: bool = False
+    stop_string: str | None = None  # the stop string that matched, once `stopped`
 
     @classmethod
     def create(cls, parser: ResponseParser, stops: list[str] | None, include_stop: bool) -> "ChoiceText":
@@ -51,6 +52,7 @@ class ChoiceText:
                 index, stop = hit
                 self.text = self.text[: index + (len(stop) if self.include_stop else 0)]
                 self.stopped = True
+                self.stop_string = stop
                 safe = len(self.text)
             else:
                 held = open_stop_prefix(self.text[start:], self.stops)
@@ -64,12 +66,7 @@ class ChoiceText:
 
     def finish(self) -> ResponseDelta:
         """Releases everything held back and flushes the parser (the last delta of a stream)."""
-        tail = self._release(len(self.text))
-        last = self.parser.flush()
-        tail.reasoning_content += last.reasoning_content
-        tail.content += last.content
-        tail.tool_calls += last.tool_calls
-        return tail
+        return self._release(len(self.text)).then(self.parser.flush())
 
     def parsed(self, engine_reason: str | None) -> ParsedOutput:
         """The whole choice parsed at once (non-streamed responses)."""

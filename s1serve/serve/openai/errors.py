@@ -6,12 +6,15 @@ handlers here rewrite them (as LMDeploy and vLLM do).
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("s1serve.api_server")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -72,3 +75,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # Our own bug: still JSON in the OpenAI shape, so the client's connection stays usable.
+        log.exception("unhandled error on %s", request.url.path)
+        text = f"internal error ({type(exc).__name__}): {exc}".encode("utf-8", "replace").decode("utf-8")
+        return error_response(500, text)

@@ -36,6 +36,7 @@ class Generation:
     token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache, as the engine reports them
 
     def __post_init__(self) -> None:
         n = len(self.choices)
@@ -58,16 +59,12 @@ class Generation:
                     first_token_at = time.monotonic()
                     metrics.ttft.observe(first_token_at - start)
                 self.token_ids[i] += out.token_ids
+                self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
                 self.logprobs[i] += out.logprobs or []
                 delta = choice.push(out.text)
                 reason = "stop" if choice.stopped else out.finish_reason
                 if reason is not None:
-                    tail = choice.finish()
-                    delta = ResponseDelta(
-                        delta.reasoning_content + tail.reasoning_content,
-                        delta.content + tail.content,
-                        delta.tool_calls + tail.tool_calls,
-                    )
+                    delta = delta.then(choice.finish())
                     reason = choice.parser.finish_reason(reason)
                     self.finish_reasons[i] = reason
                 yield ChoiceStep(i, delta, out.token_ids, out.logprobs, reason)

@@ -98,6 +98,21 @@ def json_constraint(
     return Constraint("json", "\n".join(lines))
 
 
+def reasoning_budget_constraint(limits: Limits) -> Constraint:
+    """A thinking budget on a free answer (the Messages API's `thinking.budget_tokens`): at most
+    `limits.reasoning_tokens` tokens of reasoning, then `</think>`, then any text, tool-call tags included.
+    Only for a prompt that opens the reasoning."""
+    if limits.reasoning_tokens is None:
+        raise StructuredOutputError("a reasoning budget needs Limits.reasoning_tokens")
+    lines = [
+        f"start: {_reasoning_prefix(True, limits)}answer",
+        f"answer: (TEXT | {TOOL_CALL_START} | {TOOL_CALL_END})*",
+        r"TEXT: /(?s:.+)/",
+        *_reasoning_rules(True, limits),
+    ]
+    return Constraint("reasoning_budget", "\n".join(lines))
+
+
 def _functions(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """name -> parameters schema, in tool order."""
     if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):

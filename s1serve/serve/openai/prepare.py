@@ -3,14 +3,14 @@ grammar a request asks for, and its response parser."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from s1serve.constraints import Constraint, Limits
+from s1serve.constraints import Constraint, Limits, StructuredOutputError
 from s1serve.engine.client import EngineClient
-from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length
+from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length, check_token_ids
 from s1serve.serve.openai.errors import APIError
-from s1serve.serve.openai.grammars import json_constraint, tool_call_constraint
+from s1serve.serve.openai.grammars import json_constraint, reasoning_budget_constraint, tool_call_constraint
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import ChatCompletionRequest, NamedToolChoice, SamplingFields
 from s1serve.serve.parsers.reasoning import ReasoningParser
@@ -36,7 +36,24 @@ class ServingContext:
         return ids[0]
 
     def token_text(self, token_id: int) -> str:
+        """A token's text for logprobs. Ids past the tokenizer's table (the lm_head's padding rows: 155008 rows
+        for 154766 tokens) are valid model outputs with no text, as the engine's text output treats them."""
+        if token_id >= self.tokenizer.vocab_size:
+            return ""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def render_chat_prompt(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool, kwargs: dict | None
+) -> str:
+    """The chat template applied to a request's messages; a template error, or chat_template_kwargs that clash with
+    the template's own arguments (`messages`, `tools`), is the request's fault (400)."""
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, **(kwargs or {})
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise APIError(400, f"messages cannot be rendered with the chat template: {exc}", "messages") from None
 
 
 def check_model(ctx: ServingContext, name: str | None) -> None:
@@ -54,10 +71,33 @@ def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | No
         raise APIError(400, str(exc), exc.param) from None
 
 
+def logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """The request's logit_bias with its JSON keys read as token ids of this vocabulary."""
+    pairs = []
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        try:
+            check_token_ids([token], vocab_size, "logit_bias", "logit_bias token id")
+        except InvalidParameterError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        pairs.append((token, value))
+    return tuple(pairs)
+
+
+def refuse_prompt_logprobs(req: SamplingFields) -> None:
+    """prompt_logprobs is named in the API but not computed: a 400 rather than a silent omission."""
+    if req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs is not supported by this server (only sampled-token logprobs)", "prompt_logprobs")
+
+
 def sampling_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None
+    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None, *, vocab_size: int
 ) -> SamplingParams:
     """Engine parameters. Stop strings stay with the server, which applies them to the content only."""
+    refuse_prompt_logprobs(req)
     try:
         return SamplingParams(
             n=req.n,
@@ -76,6 +116,7 @@ def sampling_params(
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             constraint=constraint,
+            logit_bias=logit_bias(req, vocab_size),
         )
     except InvalidParameterError as exc:
         raise APIError(400, str(exc), exc.param) from None
@@ -87,16 +128,29 @@ def response_parser(ctx: ServingContext, starts_in_reasoning: bool, tools: set[s
     return ResponseParser(reasoning, calls)
 
 
-def chat_constraint(req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int) -> Constraint | None:
-    """The grammar that enforces tool_choice required / named and response_format, if the request asks for one."""
+def chat_constraint(
+    req: ChatCompletionRequest, opens_reasoning: bool, max_tokens: int, reasoning_budget: int | None = None
+) -> Constraint | None:
+    """The grammar that enforces tool_choice required / named, response_format and a reasoning budget (at most
+    that many reasoning tokens, then `</think>`), if the request asks for one; tools or a schema no grammar can be
+    built from are the request's fault (400 naming the field)."""
     limits = Limits.for_max_tokens(max_tokens)
-    if req.tools and req.tool_choice == "required":
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        return tool_call_constraint(tools, None, req.parallel_tool_calls, opens_reasoning, limits)
-    if req.tools and isinstance(req.tool_choice, NamedToolChoice):
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        return tool_call_constraint(tools, [req.tool_choice.function.name], False, opens_reasoning, limits)
-    if req.response_format is not None and req.response_format.type != "text":
-        schema = req.response_format.json_schema["schema"] if req.response_format.type == "json_schema" else None
-        return json_constraint(schema, opens_reasoning, limits)
+    if reasoning_budget is not None:
+        limits = replace(limits, reasoning_tokens=reasoning_budget)
+    field = "tools"
+    try:
+        if req.tools and req.tool_choice == "required":
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            return tool_call_constraint(tools, None, req.parallel_tool_calls, opens_reasoning, limits)
+        if req.tools and isinstance(req.tool_choice, NamedToolChoice):
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            return tool_call_constraint(tools, [req.tool_choice.function.name], False, opens_reasoning, limits)
+        field = "response_format"
+        if req.response_format is not None and req.response_format.type != "text":
+            schema = req.response_format.json_schema["schema"] if req.response_format.type == "json_schema" else None
+            return json_constraint(schema, opens_reasoning, limits)
+    except StructuredOutputError as exc:
+        raise APIError(400, str(exc), field) from None
+    if reasoning_budget is not None and opens_reasoning:
+        return reasoning_budget_constraint(limits)
     return None

@@ -79,8 +79,13 @@ class SamplingFields(BaseModel):
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
+    # Off by default: added tokens such as </think> and <tool_call> are written by the model with the spacing it
+    # chose; a space inserted around them would land in content and reasoning (" \n\n" instead of null).
+    spaces_between_special_tokens: bool = False
     include_stop_str_in_output: bool = False
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a JSON key) -> bias in [-100, 100]
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
+    prompt_logprobs: Optional[int] = None  # vLLM's; refused with a 400 (the engine computes no prompt logprobs)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -118,6 +123,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: Optional[ResponseFormat] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
+    echo: bool = False  # vLLM's (the last message echoed); refused with a 400
 
     @model_validator(mode="after")
     def _tool_choice_matches_tools(self) -> "ChatCompletionRequest":
@@ -161,7 +167,7 @@ class DetokenizeRequest(BaseModel):
     model: Optional[str] = None
     tokens: list[int]
     skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
+    spaces_between_special_tokens: bool = False  # so that /tokenize and /detokenize round-trip
 
 
 class UsageInfo(BaseModel):
@@ -169,6 +175,7 @@ class UsageInfo(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     completion_tokens_details: Optional[dict[str, int]] = None
+    prompt_tokens_details: Optional[dict[str, int]] = None
 
 
 class ModelCard(BaseModel):

@@ -11,11 +11,12 @@ from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.parsers.response import ResponseDelta
 
 
-def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None, cached_tokens: int = 0) -> dict:
     usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
     if reasoning_tokens is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}

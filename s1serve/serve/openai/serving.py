@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -19,6 +20,7 @@ from s1serve.serve.openai.prepare import (
     ServingContext,
     chat_constraint,
     check_model,
+    render_chat_prompt,
     resolve_max_tokens,
     response_parser,
     sampling_params,
@@ -28,6 +30,13 @@ from s1serve.serve.parsers.reasoning import count_reasoning_tokens, prompt_opens
 from s1serve.serve.parsers.response import ResponseParser
 
 
+@dataclass
+class PreparedChat:
+    gen: Generation
+    reasoning_ids: dict | None  # count_reasoning_tokens' arguments, None without a reasoning parser
+    usage: Callable[[], dict]  # the chat usage object of the generation so far
+
+
 class ChatServing:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
@@ -35,12 +44,9 @@ class ChatServing:
     def render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
-        try:
-            prompt = self.ctx.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
-            )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise APIError(400, f"messages cannot be rendered with the chat template: {exc}", "messages") from None
+        prompt = render_chat_prompt(
+            self.ctx.tokenizer, messages, tools, req.add_generation_prompt, req.chat_template_kwargs
+        )
         return prompt, self.ctx.tokenizer.encode(prompt)
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:
@@ -50,9 +56,13 @@ class ChatServing:
 
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
 
-    async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    def prepare(self, req: ChatCompletionRequest, reasoning_budget: int | None = None) -> PreparedChat:
+        """Render, limits, sampling parameters, constraint and parsers of a chat request, ready to run. The
+        Responses and Messages APIs translate their requests into a chat request and run it through here too."""
         ctx = self.ctx
         check_model(ctx, req.model)
+        if req.echo:
+            raise APIError(400, "echo is not supported for chat completions (it is for /v1/completions)", "echo")
         prompt, prompt_ids = self.render(req)
         max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.max_new_tokens)
         opens_reasoning = prompt_opens_reasoning(prompt)
@@ -62,8 +72,9 @@ class ChatServing:
             tool_names = {t.function.name for t in req.tools}
             if isinstance(req.tool_choice, NamedToolChoice):
                 tool_names = {req.tool_choice.function.name}
-        constraint = chat_constraint(req, opens_reasoning, max_tokens)
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
+        constraint = chat_constraint(req, opens_reasoning, max_tokens, reasoning_budget)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling_params(req, max_tokens, logprobs, constraint, vocab_size=ctx.vocab_size)
         choices = [
             ChoiceText.create(response_parser(ctx, starts_in_reasoning, tool_names, req.parallel_tool_calls), req.stop, req.include_stop_str_in_output)
             for _ in range(req.n)
@@ -77,17 +88,23 @@ class ChatServing:
                 think_end_id=ctx.token_id("</think>"),
                 tool_call_start_id=ctx.token_id("<tool_call>") if tool_names is not None else None,
             )
+        return PreparedChat(gen, reasoning_ids, lambda: self._usage(gen, reasoning_ids))
+
+    async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        ctx = self.ctx
+        prepared = self.prepare(req)
+        gen, choices, reasoning_ids = prepared.gen, prepared.gen.choices, prepared.reasoning_ids
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(gen, include_usage, reasoning_ids, req.logprobs), media_type="text/event-stream")
+            stream = self._stream(gen, include_usage, reasoning_ids, req.logprobs, req.return_token_ids)
+            return StreamingResponse(stream, media_type="text/event-stream")
         await gen.run()
         ctx.metrics.requests.labels("chat", "ok").inc()
         body_choices = []
         for i, choice in enumerate(choices):
             parsed = choice.parsed(gen.finish_reasons[i])
-            message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
-            if parsed.reasoning_content is not None:
-                message["reasoning_content"] = parsed.reasoning_content
+            # reasoning_content is always present (null without reasoning), so that clients may read it.
+            message: dict[str, Any] = {"role": "assistant", "content": parsed.content, "reasoning_content": parsed.reasoning_content}
             if parsed.tool_calls:
                 message["tool_calls"] = [
                     {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -99,18 +116,20 @@ class ChatServing:
                     "message": message,
                     "finish_reason": parsed.finish_reason,
                     "logprobs": self._logprobs(gen.logprobs[i]) if req.logprobs else None,
+                    **({"token_ids": gen.token_ids[i]} if req.return_token_ids else {}),
                 }
             )
-        return JSONResponse(
-            {
-                "id": gen.request_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": ctx.model_name,
-                "choices": body_choices,
-                "usage": self._usage(gen, reasoning_ids),
-            }
-        )
+        body = {
+            "id": gen.request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": ctx.model_name,
+            "choices": body_choices,
+            "usage": self._usage(gen, reasoning_ids),
+        }
+        if req.return_token_ids:
+            body["prompt_token_ids"] = gen.prompt_ids
+        return JSONResponse(body)
 
     def _usage(self, gen: Generation, reasoning_ids: dict | None) -> dict:
         reasoning = None
@@ -119,21 +138,26 @@ class ChatServing:
             reasoning = sum(
                 count_reasoning_tokens(ids[:-1] if ids and ids[-1] in eos else ids, **reasoning_ids) for ids in gen.token_ids
             )
-        return render.usage(len(gen.prompt_ids), sum(map(len, gen.token_ids)), reasoning)
+        return render.usage(len(gen.prompt_ids), sum(map(len, gen.token_ids)), reasoning, gen.num_cached_tokens)
 
-    async def _stream(self, gen: Generation, include_usage: bool, reasoning_ids: dict | None, logprobs: bool):
+    async def _stream(self, gen: Generation, include_usage: bool, reasoning_ids: dict | None, logprobs: bool, token_ids: bool):
         base = {"id": gen.request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.ctx.model_name}
         for i in range(len(gen.choices)):
-            yield render.sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            first = {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+            if token_ids:
+                first["prompt_token_ids"] = gen.prompt_ids
+            yield render.sse(first)
 
         async def chunks() -> AsyncIterator[dict]:
             async with aclosing(gen.steps()) as steps:
                 async for step in steps:
                     payload = render.delta_json(step.delta)
-                    if payload or step.finish_reason is not None:
+                    if payload or step.finish_reason is not None or (token_ids and step.token_ids):
                         choice = {"index": step.index, "delta": payload, "finish_reason": step.finish_reason}
                         if logprobs and step.logprobs:
                             choice["logprobs"] = self._logprobs(step.logprobs)
+                        if token_ids:
+                            choice["token_ids"] = step.token_ids
                         yield {**base, "choices": [choice]}
 
         usage = (lambda: self._usage(gen, reasoning_ids)) if include_usage else None
@@ -182,10 +206,14 @@ class CompletionServing:
     async def create(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
         ctx = self.ctx
         check_model(ctx, req.model)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute; "
+                           "send echo or logprobs, not both", "echo")
         request_id = random_id("cmpl-")
         gens = []
         for p, ids in enumerate(self.prompts(req)):
-            params = sampling_params(req, resolve_max_tokens(ctx, len(ids), req.max_new_tokens), req.logprobs)
+            max_tokens = resolve_max_tokens(ctx, len(ids), req.max_new_tokens)
+            params = sampling_params(req, max_tokens, req.logprobs, vocab_size=ctx.vocab_size)
             choices = [ChoiceText.create(ResponseParser(), req.stop, req.include_stop_str_in_output) for _ in range(req.n)]
             gens.append(Generation(ctx, f"{request_id}-{p}", ids, params, choices))
         if req.stream:
@@ -198,9 +226,10 @@ class CompletionServing:
                 body_choices.append(
                     {
                         "index": p * req.n + i,
-                        "text": choice.text,
+                        "text": self._echo(req, gen) + choice.text,
                         "finish_reason": gen.finish_reasons[i],
                         "logprobs": self._logprobs(gen.logprobs[i]) if req.logprobs is not None else None,
+                        **self._token_ids(req, gen, gen.token_ids[i]),
                     }
                 )
         ctx.metrics.requests.labels("completions", "ok").inc()
@@ -211,25 +240,43 @@ class CompletionServing:
                 "created": int(time.time()),
                 "model": ctx.model_name,
                 "choices": body_choices,
-                "usage": render.usage(sum(len(g.prompt_ids) for g in gens), sum(len(t) for g in gens for t in g.token_ids), None),
+                "usage": self._usage(gens),
             }
         )
+
+    def _echo(self, req: CompletionRequest, gen: Generation) -> str:
+        """The prompt's text when the request asks for it echoed (decoded so that it round-trips)."""
+        if not req.echo:
+            return ""
+        return self.ctx.tokenizer.decode(gen.prompt_ids, skip_special_tokens=False, spaces_between_special_tokens=False)
+
+    @staticmethod
+    def _token_ids(req: CompletionRequest, gen: Generation, token_ids: list[int]) -> dict:
+        return {"prompt_token_ids": gen.prompt_ids, "token_ids": token_ids} if req.return_token_ids else {}
+
+    @staticmethod
+    def _usage(gens: list[Generation]) -> dict:
+        completion = sum(len(t) for g in gens for t in g.token_ids)
+        return render.usage(sum(len(g.prompt_ids) for g in gens), completion, None, sum(g.num_cached_tokens for g in gens))
 
     async def _stream(self, request_id: str, gens: list[Generation], include_usage: bool, req: CompletionRequest):
         base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.ctx.model_name}
 
         async def chunks() -> AsyncIterator[dict]:
             for p, gen in enumerate(gens):
+                if req.echo:
+                    for i in range(req.n):
+                        yield {**base, "choices": [{"index": p * req.n + i, "text": self._echo(req, gen), "finish_reason": None,
+                                                    "logprobs": None, **self._token_ids(req, gen, [])}]}
                 async with aclosing(gen.steps()) as steps:
                     async for step in steps:
-                        if step.delta.content or step.finish_reason is not None:
+                        if step.delta.content or step.finish_reason is not None or (req.return_token_ids and step.token_ids):
                             choice = {"index": p * req.n + step.index, "text": step.delta.content, "finish_reason": step.finish_reason}
                             choice["logprobs"] = self._logprobs(step.logprobs) if req.logprobs is not None and step.logprobs else None
+                            if req.return_token_ids:
+                                choice["token_ids"] = step.token_ids
                             yield {**base, "choices": [choice]}
 
-        def usage() -> dict:
-            completion = sum(len(t) for g in gens for t in g.token_ids)
-            return render.usage(sum(len(g.prompt_ids) for g in gens), completion, None)
-
-        async for event in render.sse_stream(self.ctx.metrics, "completions", base, chunks(), usage if include_usage else None):
+        usage = (lambda: self._usage(gens)) if include_usage else None
+        async for event in render.sse_stream(self.ctx.metrics, "completions", base, chunks(), usage):
             yield event

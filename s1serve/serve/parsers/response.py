@@ -42,12 +42,43 @@ class ToolCallDelta:
 
 @dataclass
 class ResponseDelta:
+    """What one piece of output added. `parts` holds the same content and call pieces as `content` and
+    `tool_calls`, in the order the model wrote them (text after a call stays after it), for the APIs whose output
+    is a list of blocks (Responses, Messages); reasoning always comes before all of them."""
+
     reasoning_content: str = ""
     content: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    parts: list[str | ToolCallDelta] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.reasoning_content or self.content or self.tool_calls)
+
+    def then(self, later: ResponseDelta) -> ResponseDelta:
+        """This delta followed by `later`, as one delta."""
+        out = ResponseDelta(self.reasoning_content + later.reasoning_content, self.content + later.content)
+        for call in self.tool_calls + later.tool_calls:
+            out._add_call(call.index, call.id, call.name, call.arguments, out.tool_calls)
+        for part in self.parts + later.parts:
+            if isinstance(part, str):
+                out._add_text(part)
+            else:
+                out._add_call(part.index, part.id, part.name, part.arguments, out.parts)
+        return out
+
+    def _add_text(self, text: str) -> None:
+        if self.parts and isinstance(self.parts[-1], str):
+            self.parts[-1] += text
+        elif text:
+            self.parts.append(text)
+
+    @staticmethod
+    def _add_call(index: int, id: str | None, name: str | None, arguments: str, into: list) -> None:
+        last = into[-1] if into else None
+        if id is None and isinstance(last, ToolCallDelta) and last.index == index:
+            last.arguments += arguments
+        else:
+            into.append(ToolCallDelta(index, id, name, arguments))
 
 
 @dataclass
@@ -99,7 +130,9 @@ class ResponseParser:
 
     def _delta(self, reasoning: str, content: str, final: bool) -> ResponseDelta:
         if self.tools is None:
-            return ResponseDelta(reasoning, content)
+            out = ResponseDelta(reasoning, content)
+            out._add_text(content)
+            return out
         events: list[ToolEvent] = self.tools.feed(content) if content else []
         if final:
             events += self.tools.flush()
@@ -107,12 +140,11 @@ class ResponseParser:
         for event in events:
             if isinstance(event, ContentDelta):
                 out.content += event.text
+                out._add_text(event.text)
             elif isinstance(event, ToolCallStart):
-                out.tool_calls.append(ToolCallDelta(event.index, event.id, event.name))
+                for into in (out.tool_calls, out.parts):
+                    into.append(ToolCallDelta(event.index, event.id, event.name))
             elif isinstance(event, ToolCallArgs):
-                last = out.tool_calls[-1] if out.tool_calls else None
-                if last is not None and last.index == event.index:
-                    last.arguments += event.arguments
-                else:
-                    out.tool_calls.append(ToolCallDelta(event.index, arguments=event.arguments))
+                for into in (out.tool_calls, out.parts):
+                    out._add_call(event.index, None, None, event.arguments, into)
         return out

@@ -52,10 +52,12 @@ class ProxyConfig:
 def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     d = ProxyConfig()
     parser.add_argument("--server-name", default=d.server_name, help="address to listen on")
-    parser.add_argument("--server-port", type=int, default=d.server_port)
-    parser.add_argument("--routing-strategy", choices=STRATEGIES, default=d.routing_strategy)
+    parser.add_argument("--server-port", type=int, default=d.server_port, help="port to listen on")
+    parser.add_argument("--routing-strategy", choices=STRATEGIES, default=d.routing_strategy,
+                        help="how a request picks its node")
     # DistServe is accepted by the parser so that it is refused with a sentence, not an argparse choice list.
-    parser.add_argument("--serving-strategy", choices=SERVING_STRATEGIES, default=d.serving_strategy)
+    parser.add_argument("--serving-strategy", choices=SERVING_STRATEGIES, default=d.serving_strategy,
+                        help="Hybrid: every node prefills and decodes")
     parser.add_argument("--health-interval", type=float, default=d.health_interval,
                         help="seconds between health sweeps")
     parser.add_argument("--health-timeout", type=float, default=d.health_timeout,
@@ -68,7 +70,8 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds an upstream may stay silent before the request fails with 504 (0: no limit)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the random choices (random strategy, tie breaks)")
-    parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"),
+                        help="log threshold")
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -110,7 +113,8 @@ def add_proxy_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def main_proxy(argv: list[str] | None = None) -> int:
     """`python -m s1serve.serve.proxy`: same flags and error convention as `s1serve serve proxy`."""
-    parser = argparse.ArgumentParser(prog="s1serve serve proxy")
+    parser = argparse.ArgumentParser(prog="s1serve serve proxy", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_proxy_arguments(parser)
     try:
         return cmd_proxy(parser.parse_args(argv))
