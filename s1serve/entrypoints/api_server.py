@@ -44,6 +44,7 @@ def run_api_server(args: argparse.Namespace) -> int:
     """Serves until interrupted (see the module's docstring for the shapes); the exit status."""
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     parallel = ParallelConfig.from_namespace(args)
+    args.api_server_count = args.api_server_count or 1  # unset: one API server
     if args.api_server_count < 1:
         raise S1ServeError(f"--api-server-count must be at least 1 (got {args.api_server_count})")
     if parallel.headless:

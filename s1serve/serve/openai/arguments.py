@@ -22,9 +22,5 @@ def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys", nargs="*", default=[], help="accepted bearer keys (default: no auth)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--proxy-url", default=None, help="join this proxy as a node (and leave it on shutdown)")
-    parser.add_argument(
-        "--api-server-count", type=int, default=1,
-        help="API server processes in front of the engine process, sharing --server-port (default 1)",
-    )
     add_engine_args(parser)
     add_parallel_args(parser)
