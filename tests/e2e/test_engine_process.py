@@ -118,6 +118,8 @@ def test_two_api_servers_one_killed_the_other_serves_and_its_requests_are_aborte
             assert started.wait(60)
         assert gauge(server.base_url, "s1serve_num_requests_running") > 0
         os.kill(api_servers[0], signal.SIGKILL)
+        # Connections the kernel queued on its socket in the moment it died are reset; new ones go to the survivor.
+        wait_until(lambda: api_servers[0] not in children(launcher), 5, "the killed API server was not reaped")
         # Requests through the port keep succeeding (the survivor takes every new connection).
         for _ in range(5):
             assert complete(server.base_url, 8) == want
