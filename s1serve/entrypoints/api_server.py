@@ -51,6 +51,8 @@ def run_api_server(args: argparse.Namespace) -> int:
         config = EngineConfig.from_namespace(args)
         return run_headless(RankSpec(Path(args.model), args.dtype, args.device, config, parallel, parallel.address))
     if parallel.dp > 1:
+        # As vLLM counts it: the API servers of this node, shared out over its DP ranks (at least one each).
+        args.api_server_count = max(1, args.api_server_count // len(parallel.local_ranks))
         ports = [args.server_port + r for r in parallel.local_ranks]
         log.info("node %d: DP ranks %s on ports %s", parallel.node_rank, list(parallel.local_ranks), ports)
         return run_dp_ranks(_serve_dp_rank, args, parallel)
