@@ -187,7 +187,7 @@ SGLANG: tuple[Flag, ...] = COMMON_VALUE_FLAGS + (
 # multimodal work; status: what the server does with each today.
 MEDIA_AND_PROCESS: tuple[Flag, ...] = (
     Flag(("--api-server-count",),
-         note="API server processes on this node; under --dp there is one per local DP rank",
+         note="API server processes in front of each engine process, sharing its port (default 1)",
          options={"type": int, "default": None}),
 )
 
@@ -345,13 +345,10 @@ def check_media_and_process(args: argparse.Namespace, parallel: ParallelConfig) 
     notes = []
     count = args.api_server_count
     if count is not None:
-        local = len(parallel.local_ranks) if parallel.dp > 1 else 1
-        if count != local:
-            where = (f"under --dp s1serve runs one API server per local DP rank ({local} on this node)"
-                     if parallel.dp > 1 else "without --dp s1serve runs one API server in the engine's process")
-            raise ValueError(f"--api-server-count {count}: not yet honoured: {where}")
-        notes.append(f"--api-server-count {count}: one API server per local DP rank" if parallel.dp > 1 else
-                     "--api-server-count 1: one API server")
+        if count < 1:
+            raise ValueError(f"--api-server-count must be at least 1 (got {count})")
+        per = " per DP rank" if parallel.dp > 1 else ""
+        notes.append(f"--api-server-count {count}: {count} API server process(es){per} in front of the engine process")
     if args.media_io_kwargs is not None:
         from s1serve.multimodal.processor import parse_media_io_kwargs  # imports torch: only when given
 

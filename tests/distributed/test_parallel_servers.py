@@ -125,7 +125,8 @@ def test_dp2_ep2_servers_equal_one_process_on_both_ports(tiny_checkpoint, tmp_pa
     finally:
         code = stop(server)
     assert code == 0, server.log()
-    assert len(ranks) == 2 and not any(alive(pid) for pid in ranks)
+    # Two DP rank processes, each with its engine process.
+    assert len(ranks) == 4 and not any(alive(pid) for pid in ranks)
 
 
 def test_two_nodes_on_loopback_equal_one_process(tiny_checkpoint, tmp_path, want):
@@ -136,7 +137,8 @@ def test_two_nodes_on_loopback_equal_one_process(tiny_checkpoint, tmp_path, want
     try:
         wait_healthy(head)
         workers = descendants(follower.process.pid)
-        assert descendants(head.process.pid) == []  # node 0 holds rank 0 only: in the server process
+        (engine,) = descendants(head.process.pid)  # node 0 holds rank 0 only: in the engine process
+        assert "s1serve.distributed.spawned engine-core-0" in cmdline(engine)
         assert completions(head.urls, prompts()) == want
         # Rank 0 vanishing (SIGKILL: no goodbye) ends the other node with a failure, and with no process left.
         stop(head, signal.SIGKILL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -157,10 +158,11 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
 
 
 def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namespace, port: int,
-               exit_grace_s: float | None = None) -> int:
+               exit_grace_s: float | None = None, sock: socket.socket | None = None) -> int:
     """Serves `engine` on `port` with the api_server flags in `args` until interrupted; stops the engine after.
-    With `exit_grace_s`, an engine that dies (a worker process died, a collective failed) makes the server answer
-    503 at once and exit with status 1 that many seconds later; the return value is the exit status."""
+    With `exit_grace_s`, an engine that dies (its process ended, a worker process died, a collective failed) makes
+    the server answer 503 at once and exit with status 1 that many seconds later; the return value is the exit
+    status. `sock`: a listening socket bound to `port` already (shared by several API server processes)."""
     import uvicorn
 
     reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
@@ -210,5 +212,5 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
     if exit_grace_s is not None:
         engine.on_death(exit_soon)
     log.info("serving %s as '%s' on http://%s:%d/v1", args.model, name, args.server_name, port)
-    server.run()
+    server.run(sockets=None if sock is None else [sock])
     return 1 if died.is_set() else 0

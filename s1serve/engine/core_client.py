@@ -1,0 +1,284 @@
+"""EngineProcessClient: the EngineClient of an API server whose engine runs in another process (engine/core.py).
+
+Requests, aborts and stats calls go out on a PUSH socket (from the event loop); a receiver thread reads the
+engine's batched output messages from a DEALER socket and hands each step's deltas to the waiting streams with one
+wake-up of their event loop. The same thread watches the engine process (a pidfd, readable once it has ended):
+the moment it ends, open requests and waiting calls get EngineDeadError, `on_death` callbacks run, and every later
+call fails at once.
+
+Request ids are namespaced by this client, so several API servers can share one engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import select
+import signal
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import zmq
+
+from s1serve.engine.client import EngineDeadError
+from s1serve.engine.core import HELLO, EngineAddresses, decode, encode
+from s1serve.engine.engine import EngineStats
+from s1serve.engine.outputs import OutputDelta
+from s1serve.sampling_params import InvalidParameterError, SamplingParams
+
+STOP_TIMEOUT_S = 10.0  # how long a stopped engine process gets to stop its ranks before it is killed
+HELLO_EVERY_MS = 500  # the handshake is repeated until the engine (still loading its model) answers
+
+log = logging.getLogger("s1serve.engine_client")
+
+_DONE = object()  # end of a request's stream
+
+
+class EngineProcessClient:
+    def __init__(self, addresses: EngineAddresses, engine_pid: int, owns_engine: bool = False):
+        """Connects and waits until the engine process has loaded its model; EngineDeadError if it ends first.
+        `owns_engine`: close() stops the engine process too (the single API server in front of it)."""
+        self.engine_pid = engine_pid
+        self._death_note = addresses.death_note
+        self._owns_engine = owns_engine
+        self._identity = f"api-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
+        self._prefix = self._identity.decode() + "/"
+        self._context = zmq.Context()
+        self._push = self._context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, 0)  # while the engine is in a long step, requests queue up here
+        self._push.connect(addresses.inputs)
+        self._push_lock = threading.Lock()
+        self._dealer = self._context.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.IDENTITY, self._identity)
+        self._dealer.connect(addresses.outputs)
+        try:
+            self._pidfd = os.pidfd_open(engine_pid)
+        except ProcessLookupError:
+            self._context.destroy(linger=0)
+            raise EngineDeadError(f"the engine process (pid {engine_pid}) has ended") from None
+        # request id (namespaced) -> (stream, loop); call id -> future. Added and removed on their event loop.
+        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._lock = threading.Lock()  # guards _error, _client_loops and _death_callbacks
+        self._client_loops: set[asyncio.AbstractEventLoop] = set()
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
+        self._error: BaseException | None = None
+        self._poller = zmq.Poller()
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self._poller.register(self._pidfd, zmq.POLLIN)
+        info = self._handshake()
+        self.max_model_len: int = info["max_model_len"]
+        self.vocab_size: int = info["vocab_size"]
+        self._thread = threading.Thread(target=self._receive, name="s1serve-engine-client", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------- EngineClient
+
+    @property
+    def errored(self) -> bool:
+        return self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        with self._lock:
+            if self._error is None:
+                self._death_callbacks.append(callback)
+                return
+        callback(self._error)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, **fields: Any
+    ) -> AsyncIterator[OutputDelta]:
+        """The request's deltas until every sample has finished. `fields` travel to Engine.add_request as they are
+        (pickled: tensors included). An invalid request raises its ValueError here, as the engine found it."""
+        self._check_alive()
+        key = self._prefix + request_id
+        if key in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        loop = self._join_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[key] = (stream, loop)
+        finished = False
+        try:
+            self._send(("add", self._identity, key, list(prompt_ids), params, fields))
+            self._check_alive()  # after registering: a death from now on reaches this stream
+            while True:
+                item = await stream.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            del self._streams[key]
+            if not finished and self._error is None:
+                self._send(("abort", key))
+
+    def abort(self, request_id: str) -> None:
+        if self._error is None:
+            self._send(("abort", self._prefix + request_id))
+
+    async def stats(self) -> EngineStats:
+        self._check_alive()
+        self._join_loop()
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        try:
+            self._send(("stats", self._identity, call_id))
+            self._check_alive()
+            return await future
+        finally:
+            del self._calls[call_id]
+
+    def close(self) -> None:
+        """Ends open requests; stops the engine process if this client owns it (else it serves on, for the other
+        API servers, until whoever started it stops it)."""
+        self._fail(EngineDeadError("the engine client was closed"), callbacks=False)
+        self._thread.join(1.0)
+        if self._owns_engine:
+            stop_process(self.engine_pid)
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._push_lock:
+            self._push.send(encode(message))
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine has stopped: {self._error}") from self._error
+
+    def _join_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._client_loops.add(loop)
+        return loop
+
+    def _handshake(self) -> dict[str, Any]:
+        while True:
+            self._dealer.send(HELLO)
+            events = dict(self._poller.poll(HELLO_EVERY_MS))
+            if self._pidfd in events:
+                self._context.destroy(linger=0)
+                os.close(self._pidfd)
+                raise EngineDeadError(f"the engine process (pid {self.engine_pid}) ended while starting")
+            if self._dealer in events:
+                kind, info = decode(self._dealer.recv())
+                if kind == "ready":
+                    return info
+
+    def _receive(self) -> None:
+        """The receiver thread: engine messages until the engine process ends or this client closes."""
+        try:
+            while self._error is None:
+                events = dict(self._poller.poll(100))
+                if self._dealer in events:
+                    while True:
+                        try:
+                            frame = self._dealer.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._dispatch(decode(frame))
+                if self._pidfd in events:
+                    self._fail(RuntimeError(self._why_dead()))
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            self._context.destroy(linger=0)
+            os.close(self._pidfd)
+
+    def _why_dead(self) -> str:
+        ended = f"the engine process (pid {self.engine_pid}) has exited"
+        try:
+            return f"{ended}: {self._death_note.read_text()}"
+        except FileNotFoundError:
+            return ended
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "deltas":
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Any]]]] = defaultdict(list)
+            for request_id, deltas, done in message[1]:
+                entry = self._streams.get(request_id)
+                if entry is not None:
+                    by_loop[entry[1]].append((entry[0], deltas + [_DONE] if done else deltas))
+            for loop, batch in by_loop.items():
+                loop.call_soon_threadsafe(_deliver, batch)
+        elif kind == "error":
+            _, request_id, param, text = message
+            error = ValueError(text) if param is None else InvalidParameterError(param, text)
+            entry = self._streams.get(request_id)
+            if entry is not None:
+                entry[1].call_soon_threadsafe(_deliver, [(entry[0], [error])])
+        elif kind == "stats":
+            _, call_id, stats = message
+            future = self._calls.get(call_id)
+            if future is not None:
+                future.get_loop().call_soon_threadsafe(_resolve, future, stats)
+
+    def _fail(self, error: BaseException, callbacks: bool = True) -> None:
+        """Marks the engine dead (from any thread): open requests and pending calls get EngineDeadError now."""
+        with self._lock:
+            if self._error is not None:
+                return
+            self._error = error
+            loops = list(self._client_loops)
+            waiting, self._death_callbacks = self._death_callbacks, []
+        dead = EngineDeadError(f"the engine has stopped: {error}")
+        for loop in loops:
+            try:
+                loop.call_soon_threadsafe(self._fail_waiters, loop, dead)
+            except RuntimeError:  # that loop has closed: nothing of it waits
+                pass
+        if callbacks:
+            log.error("%s", error)
+            for callback in waiting:
+                callback(error)
+
+    def _fail_waiters(self, loop: asyncio.AbstractEventLoop, dead: EngineDeadError) -> None:
+        for stream, stream_loop in self._streams.values():
+            if stream_loop is loop:
+                stream.put_nowait(dead)
+        for future in self._calls.values():
+            if future.get_loop() is loop and not future.done():
+                future.set_exception(dead)
+
+
+def stop_process(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM, then SIGKILL if `pid` has not ended within `timeout` seconds."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        ended, _, _ = select.select([pidfd], [], [], timeout)
+        if not ended:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, list[Any]]]) -> None:
+    for stream, items in batch:
+        for item in items:
+            stream.put_nowait(item)
+
+
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
