@@ -20,7 +20,7 @@ import signal
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import zmq
@@ -28,6 +28,7 @@ import zmq
 from s1serve.engine.client import EngineDeadError
 from s1serve.engine.core import HELLO, EngineAddresses, decode, encode
 from s1serve.engine.engine import EngineStats
+from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
@@ -96,10 +97,12 @@ class EngineProcessClient:
         callback(self._error)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, **fields: Any
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, media: Sequence[MediaInput] = ()
     ) -> AsyncIterator[OutputDelta]:
-        """The request's deltas until every sample has finished. `fields` travel to Engine.add_request as they are
-        (pickled: tensors included). An invalid request raises its ValueError here, as the engine found it."""
+        """The request's deltas until every sample has finished. Fields beyond the ids and params (the media:
+        plain tensors and ints) travel to Engine.add_request as keywords, pickled. An invalid request raises its
+        ValueError here, as the engine found it."""
+        fields = {"media": tuple(media)} if media else {}
         self._check_alive()
         key = self._prefix + request_id
         if key in self._streams:

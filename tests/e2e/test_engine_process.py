@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from conftest import start_api_server, stop
+from e2e.conftest import start_api_server, stop
 
 ENGINE_ARGS = ("--model-name", "tiny", "--num-kv-blocks", "64", "--block-size", "16", "--max-model-len", "1024")
 
