@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from s1serve.engine.admission import QueueFullError
 from s1serve.engine.client import EngineDeadError
 from s1serve.engine.engine import Engine, EngineStats
 from s1serve.engine.media import MediaInput
@@ -76,7 +77,8 @@ class AsyncEngine:
     ) -> AsyncIterator[OutputDelta]:
         """Yields the request's deltas (all n samples interleaved) until every sample has finished.
 
-        Invalid input raises ValueError before anything is queued; the engine serves the others as before.
+        Invalid input raises ValueError before anything is queued; the engine serves the others as before. A
+        request over the admission limits (engine/admission.py) raises QueueFullError.
         """
         self._check_alive()
         prompt_ids = list(prompt_ids)
@@ -84,6 +86,7 @@ class AsyncEngine:
         self.engine.check_request(prompt_ids, params, media)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_admission()
         loop = self._join_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (stream, loop)
@@ -104,6 +107,9 @@ class AsyncEngine:
             del self._streams[request_id]
             if not finished:
                 self._commands.put(("abort", request_id))
+
+    def check_admission(self) -> None:
+        self.engine.admission.check_open(len(self._streams))
 
     def abort(self, request_id: str) -> None:
         """Stops a request: its stream ends with finish_reason "abort" deltas, its blocks are freed."""
@@ -211,8 +217,9 @@ class AsyncEngine:
             _, request_id, prompt_ids, params, media, loop = command
             self._loops[request_id] = loop
             try:
+                self.engine.admit(len(prompt_ids))
                 self.engine.add_request(request_id, prompt_ids, params, media)
-            except ValueError as exc:
+            except (QueueFullError, ValueError) as exc:
                 self._publish_to(request_id, [exc])
         elif kind == "abort":
             self._publish(self.engine.abort(command[1]))

@@ -36,6 +36,10 @@ class EngineClient(Protocol):
         """The request's deltas until every sample has finished; closing the iterator aborts the request. `media`:
         the prompt's processed images/videos (plain tensors and ints), whose features replace its pad tokens."""
 
+    def check_admission(self) -> None:
+        """QueueFullError when this client's open requests already fill the engine's admission limits: a refusal
+        that does not wait on the engine (engine/admission.py)."""
+
     def abort(self, request_id: str) -> None: ...
 
     async def stats(self) -> EngineStats: ...

@@ -17,6 +17,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the generators of requests that bring no seed, in arrival order
     mm_processor_cache_gb: float = 4.0  # GiB of vision features kept for reuse by later requests (0: none)
+    max_num_queued_reqs: int | None = None  # requests waiting beyond a full batch; None: 4 x max_num_seqs
+    max_num_queued_tokens: int | None = None  # prompt tokens waiting; None: the KV cache's capacity in tokens
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -24,8 +26,14 @@ class EngineConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{flag(name)} must be an integer >= 1, got {value!r}")
 
-        for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+        for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+                     "max_num_queued_tokens"):
             positive(name)
+        if self.max_num_queued_reqs is not None and (
+            not isinstance(self.max_num_queued_reqs, int) or isinstance(self.max_num_queued_reqs, bool)
+            or self.max_num_queued_reqs < 0
+        ):
+            raise ValueError(f"{flag('max_num_queued_reqs')} must be an integer >= 0, got {self.max_num_queued_reqs!r}")
         if not isinstance(self.mm_processor_cache_gb, (int, float)) or self.mm_processor_cache_gb < 0:
             raise ValueError(f"{flag('mm_processor_cache_gb')} must be a number >= 0, got {self.mm_processor_cache_gb!r}")
         if not 0 < self.cache_max_entry_count <= 1:
@@ -54,6 +62,10 @@ _HELP = {
     "seed": "seed for the generators of requests that set no seed",
     "mm_processor_cache_gb": "GiB of image/video features kept (LRU by content) so a repeated picture is not "
     "encoded again; 0 turns the cache off",
+    "max_num_queued_reqs": "requests that may wait for a slot beyond a full batch of --max-num-seqs; more are "
+    "answered 429 with Retry-After (default: 4 x --max-num-seqs)",
+    "max_num_queued_tokens": "prompt tokens that may wait to be computed; more are answered 429 with Retry-After "
+    "(default: the KV cache's capacity in tokens)",
 }
 
 

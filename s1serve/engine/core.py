@@ -6,8 +6,9 @@ Sockets (both bound here; s1serve.entrypoints picks the addresses and starts the
   (`fields`, passed to Engine.add_request as keywords: multimodal features with tensors need no new message).
 - outputs (ROUTER): each API server's DEALER says HELLO once and is answered ("ready", info); after a step each
   client gets one message with all of its requests' deltas: ("deltas", [(request_id, deltas, done)]). Errors of
-  one request (an invalid prompt) go the same way as ("error", request_id, param, message); stats as ("stats",
-  call_id, EngineStats).
+  one request (an invalid prompt) go the same way as ("error", request_id, param, message), a request refused by
+  admission control (engine/admission.py) as ("busy", request_id, message); stats as ("stats", call_id,
+  EngineStats).
 
 A client that has gone away (its API server process died) cannot be routed to any more: its requests are
 aborted, so their KV blocks are freed, and the engine goes on serving the other clients. The loop ends on SIGTERM
@@ -30,6 +31,7 @@ from typing import Any
 
 import zmq
 
+from s1serve.engine.admission import QueueFullError
 from s1serve.engine.engine import Engine
 from s1serve.engine.outputs import OutputDelta
 from s1serve.sampling_params import InvalidParameterError
@@ -87,7 +89,8 @@ class EngineCore:
         self._poller.register(self._inputs, zmq.POLLIN)
         self._poller.register(self._outputs, zmq.POLLIN)
         self._owners: dict[str, bytes] = {}  # request id -> the client (DEALER identity) that sent it
-        self.info = {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size}
+        self.info = {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
+                     "admission": engine.admission}
 
     def run(self) -> None:
         """Serves until SIGTERM; then drops open requests and stops the runner's other ranks."""
@@ -141,7 +144,11 @@ class EngineCore:
         if kind == "add":
             _, client, request_id, prompt_ids, params, fields = message
             try:
+                self.engine.admit(len(prompt_ids))
                 self.engine.add_request(request_id, prompt_ids, params, **fields)
+            except QueueFullError as exc:
+                self._send(client, ("busy", request_id, str(exc)))
+                return
             except ValueError as exc:
                 param = exc.param if isinstance(exc, InvalidParameterError) else None
                 self._send(client, ("error", request_id, param, str(exc)))

@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from s1serve.engine.admission import Admission, QueueFullError
 from s1serve.engine.client import EngineDeadError
 from s1serve.engine.core import HELLO, EngineAddresses, decode, encode
 from s1serve.engine.engine import EngineStats
@@ -76,6 +77,7 @@ class EngineProcessClient:
         info = self._handshake()
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
+        self.admission: Admission = info["admission"]
         self._thread = threading.Thread(target=self._receive, name="s1serve-engine-client", daemon=True)
         self._thread.start()
 
@@ -101,12 +103,14 @@ class EngineProcessClient:
     ) -> AsyncIterator[OutputDelta]:
         """The request's deltas until every sample has finished. Fields beyond the ids and params (the media:
         plain tensors and ints) travel to Engine.add_request as keywords, pickled. An invalid request raises its
-        ValueError here, as the engine found it."""
+        ValueError here, as the engine found it; one over the admission limits QueueFullError, at once when this
+        client's own open requests reach them."""
         fields = {"media": tuple(media)} if media else {}
         self._check_alive()
         key = self._prefix + request_id
         if key in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_admission()
         loop = self._join_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[key] = (stream, loop)
@@ -127,6 +131,9 @@ class EngineProcessClient:
             del self._streams[key]
             if not finished and self._error is None:
                 self._send(("abort", key))
+
+    def check_admission(self) -> None:
+        self.admission.check_open(len(self._streams))
 
     def abort(self, request_id: str) -> None:
         if self._error is None:
@@ -225,6 +232,11 @@ class EngineProcessClient:
             entry = self._streams.get(request_id)
             if entry is not None:
                 entry[1].call_soon_threadsafe(_deliver, [(entry[0], [error])])
+        elif kind == "busy":
+            _, request_id, text = message
+            entry = self._streams.get(request_id)
+            if entry is not None:
+                entry[1].call_soon_threadsafe(_deliver, [(entry[0], [QueueFullError(text)])])
         elif kind == "stats":
             _, call_id, stats = message
             future = self._calls.get(call_id)

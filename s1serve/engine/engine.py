@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from s1serve.config import GenerationDefaults
+from s1serve.engine.admission import Admission
 from s1serve.engine.block_manager import BlockManager
 from s1serve.engine.config import EngineConfig, flag
 from s1serve.engine.grammar import Grammars, apply_bitmask, bitmask_width
@@ -73,6 +74,7 @@ class Engine:
             i for i in (model_config.image_token_id, model_config.video_token_id) if i is not None
         )
         self.feature_cache = FeatureCache(int(config.mm_processor_cache_gb * (1 << 30)))
+        self.admission = Admission.for_engine(config, num_blocks, self.max_model_len)
 
     def shutdown(self) -> None:
         """Stops the runner's other ranks, if it has any (the engine cannot step afterwards)."""
@@ -101,6 +103,11 @@ class Engine:
                 raise InvalidParameterError("constraint", "constrained decoding needs a tokenizer; this engine has none")
             self.grammars.validate(params.constraint)
         return params.with_defaults(self.defaults)
+
+    def admit(self, num_prompt_tokens: int) -> None:
+        """QueueFullError if a served request of that many prompt tokens is over the admission limits now
+        (engine/admission.py); the engine loops that serve clients call it before add_request."""
+        self.admission.check(len(self.requests), self.scheduler.waiting, num_prompt_tokens)
 
     def check_media(self, prompt_token_ids: list[int], media: Sequence[MediaInput]) -> None:
         model = self.runner.model

@@ -87,11 +87,11 @@ def add_messages_routes(app: FastAPI, chat: ChatServing) -> None:
         try:
             return await serving.create(await _body(request, MessagesRequest))
         except APIError as exc:
-            return error_response(exc.status, exc.message)
+            return error_response(exc.status, exc.message, exc.headers)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         try:
             return await serving.count_tokens(await _body(request, CountTokensRequest))
         except APIError as exc:
-            return error_response(exc.status, exc.message)
+            return error_response(exc.status, exc.message, exc.headers)

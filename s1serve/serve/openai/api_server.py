@@ -8,6 +8,7 @@ that a supervisor restarts it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import socket
 import threading
@@ -22,6 +23,7 @@ from s1serve.engine.client import EngineClient, EngineDeadError
 from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.anthropic.errors import error_response as anthropic_error_response
 from s1serve.serve.anthropic.routes import add_messages_routes
+from s1serve.serve.body_limit import BodySizeLimit
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
@@ -41,44 +43,7 @@ from s1serve.serve.proxy.registration import advertised_url, proxy_membership
 from s1serve.serve.responses.routes import add_responses_routes
 from s1serve.tokenizer import Tokenizer
 
-MAX_BODY_BYTES = 8 << 20
 log = logging.getLogger("s1serve.api_server")
-
-
-class BodySizeLimit:
-    """ASGI middleware: a body over the limit is answered 413 before it is read whole (chunked bodies too)."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        body = bytearray()
-        more = True
-        messages = []
-        while more:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                return await self._refuse(scope, receive, send)
-            more = message.get("more_body", False)
-
-        async def replay() -> dict:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        response = error_response(413, f"request body is larger than {self.limit} bytes")
-        await response(scope, receive, send)
 
 
 def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any = None) -> FastAPI:
@@ -129,16 +94,16 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     async def text_completions(body: CompletionRequest) -> Response:
         return await completions.create(body)
 
+    def tokens_of(body: TokenizeRequest) -> list[int]:
+        if body.messages is None:
+            return ctx.tokenizer.encode(body.prompt)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        prompt = render_chat_prompt(ctx.tokenizer, messages, None, body.add_generation_prompt, body.chat_template_kwargs)
+        return ctx.tokenizer.encode(prompt)
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
-        if body.messages is not None:
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            prompt = render_chat_prompt(
-                ctx.tokenizer, messages, None, body.add_generation_prompt, body.chat_template_kwargs
-            )
-        else:
-            prompt = body.prompt
-        tokens = ctx.tokenizer.encode(prompt)
+        tokens = await asyncio.to_thread(tokens_of, body)  # rendering and tokenising off the event loop
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": ctx.max_model_len})
 
     @app.post("/detokenize")
@@ -147,7 +112,8 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
             check_token_ids(body.tokens, ctx.vocab_size, "tokens", "token id")
         except InvalidParameterError as exc:
             raise APIError(400, str(exc), exc.param) from None
-        text = ctx.tokenizer.decode(
+        text = await asyncio.to_thread(
+            ctx.tokenizer.decode,
             body.tokens,
             skip_special_tokens=body.skip_special_tokens,
             spaces_between_special_tokens=body.spaces_between_special_tokens,
@@ -178,6 +144,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         reasoning_parser=reasoning,
         tool_parser=tools,
         media=media_pipeline(Path(args.model), tokenizer, args),
+        request_timeout=args.request_timeout,
     )
     stopping = threading.Event()
     died = threading.Event()
@@ -197,7 +164,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
 
     app = build_app(ctx, tuple(args.api_keys), lifespan)
     server = uvicorn.Server(
-        uvicorn.Config(BodySizeLimit(RejectLoneSurrogates(app), MAX_BODY_BYTES), host=args.server_name, port=port, log_level=args.log_level)
+        uvicorn.Config(BodySizeLimit(RejectLoneSurrogates(app), args.max_request_body_bytes), host=args.server_name, port=port, log_level=args.log_level)
     )
 
     def exit_soon(error: BaseException) -> None:

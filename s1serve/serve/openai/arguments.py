@@ -10,6 +10,20 @@ from s1serve.engine.config import add_engine_args
 from s1serve.parallel.config import add_parallel_args
 from s1serve.serve.parsers.registry import REASONING_PARSER_NAMES, TOOL_CALL_PARSER_NAMES
 
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+
+
+def add_body_limit_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-request-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body accepted; larger ones are answered 413 before they are read whole")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
 
 def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint folder")
@@ -24,6 +38,10 @@ def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys", nargs="*", default=[], help="accepted bearer keys (default: no auth)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--proxy-url", default=None, help="join this proxy as a node (and leave it on shutdown)")
+    parser.add_argument("--request-timeout", type=_positive_float, default=None,
+                        help="seconds a request may take in the engine (queued and generating); past it the request "
+                        "is aborted and answered 504 (default: no limit)")
+    add_body_limit_argument(parser)
     add_engine_args(parser)
     add_parallel_args(parser)
     add_media_arguments(parser)
@@ -58,3 +76,10 @@ def media_pipeline(model_dir: Path, tokenizer: Any, args: argparse.Namespace) ->
         media_io_kwargs=args.media_io_kwargs,
     )
     return MediaPipeline.build(model_dir, tokenizer, media)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value

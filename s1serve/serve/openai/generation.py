@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from s1serve.engine.admission import QueueFullError
 from s1serve.engine.client import EngineDeadError
 from s1serve.engine.media import MediaInput
+from s1serve.engine.outputs import OutputDelta
 from s1serve.layers.sampler import TokenLogprob
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 from s1serve.serve.openai.choice import ChoiceText
 from s1serve.serve.openai.errors import APIError
-from s1serve.serve.openai.prepare import ServingContext
+from s1serve.serve.openai.prepare import ServingContext, busy_error
 from s1serve.serve.parsers.response import ResponseDelta
 
 
@@ -53,7 +56,7 @@ class Generation:
         media = (self.media,) if self.media else ()  # an engine client without media support is asked as before
         agen = self.ctx.engine.generate(self.prompt_ids, self.params, self.request_id, *media)
         try:
-            async for out in agen:
+            async for out in _within(agen, self.ctx.request_timeout):
                 i = out.index
                 if self.finish_reasons[i] is not None:
                     continue  # ended by a stop string while the engine still ran it (n > 1)
@@ -79,6 +82,8 @@ class Generation:
             raise APIError(400, str(exc)) from None
         except EngineDeadError as exc:
             raise APIError(503, str(exc)) from None
+        except QueueFullError as exc:
+            raise busy_error(exc) from None
         finally:
             await agen.aclose()  # aborts the engine request if it is still running
             generated = sum(map(len, self.token_ids))
@@ -92,3 +97,23 @@ class Generation:
     async def run(self) -> None:
         async for _ in self.steps():
             pass
+
+
+async def _within(agen: AsyncIterator[OutputDelta], timeout: float | None) -> AsyncIterator[OutputDelta]:
+    """`agen`'s items, or a 504 once `timeout` seconds (--request-timeout) have passed since the first was asked
+    for; the engine request is then closed, which aborts it and frees its KV blocks."""
+    if timeout is None:
+        async for item in agen:
+            yield item
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            item = await asyncio.wait_for(anext(agen), deadline - loop.time())
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise APIError(504, f"the request did not finish within --request-timeout ({timeout:g} s) and was "
+                                "aborted") from None
+        yield item

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from s1serve.constraints import Constraint, Limits, StructuredOutputError
+from s1serve.engine.admission import RETRY_AFTER_S, QueueFullError
 from s1serve.engine.client import EngineClient
 from s1serve.multimodal.chat import MediaPipeline
 from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length, check_token_ids
@@ -30,6 +31,7 @@ class ServingContext:
     reasoning_parser: type[ReasoningParser] | None
     tool_parser: type[ToolCallParser] | None
     media: MediaPipeline | None = None  # None: the checkpoint takes text only
+    request_timeout: float | None = None  # --request-timeout: seconds an engine request may take (None: no limit)
 
     def token_id(self, text: str) -> int:
         ids = self.tokenizer.encode(text)
@@ -64,6 +66,19 @@ def check_model(ctx: ServingContext, name: str | None) -> None:
         raise APIError(503, f"the engine has stopped: {ctx.engine.error}")
     if name is not None and name != ctx.model_name:
         raise APIError(404, f"The model '{name}' does not exist; this server serves '{ctx.model_name}'", "model")
+
+
+def busy_error(exc: QueueFullError) -> APIError:
+    """The 429 of a request refused by admission control, with the Retry-After clients honour."""
+    return APIError(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def check_capacity(ctx: ServingContext) -> None:
+    """429 at once, before any work on the request, when this server's open requests fill the engine's limits."""
+    try:
+        ctx.engine.check_admission()
+    except QueueFullError as exc:
+        raise busy_error(exc) from None
 
 
 def resolve_max_tokens(ctx: ServingContext, prompt_len: int, requested: int | None) -> int:

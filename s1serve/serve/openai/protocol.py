@@ -13,6 +13,13 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+# Caps on what one request may ask for, each answered 400 naming it (prompt length, n and logprobs are checked
+# against the engine's own limits: --max-model-len, --max-num-seqs, 20 top logprobs as in OpenAI's API).
+MAX_STOP_STRINGS = 32  # OpenAI allows 4; agents send a few more, so a generous bound that still caps the search
+MAX_STOP_CHARS = 512  # characters of one stop string
+MAX_TOOLS = 128  # OpenAI's cap on functions in one request
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
@@ -98,6 +105,11 @@ class SamplingFields(BaseModel):
         stops = [value] if isinstance(value, str) else value
         if any(s == "" for s in stops):
             raise ValueError("stop cannot contain an empty string")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
+        longest = max(stops, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {len(longest)}")
         return stops
 
 
@@ -117,7 +129,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
-    tools: Optional[list[Tool]] = None
+    tools: Optional[list[Tool]] = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: bool = True
     response_format: Optional[ResponseFormat] = None

@@ -1,8 +1,14 @@
 """Chat and text completions over an EngineClient: each handler prepares the request (prepare.py), runs it
-(generation.py) and renders the response or its event stream (render.py)."""
+(generation.py) and renders the response or its event stream (render.py).
+
+The event loop only does I/O: chat rendering, tokenisation and building a grammar run in worker threads
+(asyncio.to_thread), so a long prompt being prepared does not hold up other requests' streams or /health. The
+prompts of one completions request run at once, as separate engine requests.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -15,11 +21,13 @@ from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.openai import render
 from s1serve.serve.openai.choice import ChoiceText
 from s1serve.serve.openai.errors import APIError
+from s1serve.serve.openai.concurrent import merge, run_all
 from s1serve.serve.openai.generation import Generation
 from s1serve.serve.openai.media import media_parts, process_media
 from s1serve.serve.openai.prepare import (
     ServingContext,
     chat_constraint,
+    check_capacity,
     check_model,
     render_chat_prompt,
     resolve_max_tokens,
@@ -54,7 +62,7 @@ class ChatServing:
 
     async def prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int], tuple]:
         """The templated prompt, its ids with each media item's pads expanded, and the processed media."""
-        prompt, prompt_ids, refs = self.render(req)
+        prompt, prompt_ids, refs = await asyncio.to_thread(self.render, req)
         if not refs:
             return prompt, prompt_ids, ()
         prompt_ids, media = await process_media(self.ctx.media, prompt, refs, req.mm_processor_kwargs)
@@ -74,6 +82,7 @@ class ChatServing:
         check_model(ctx, req.model)
         if req.echo:
             raise APIError(400, "echo is not supported for chat completions (it is for /v1/completions)", "echo")
+        check_capacity(ctx)
         prompt, prompt_ids, media = await self.prompt(req)
         max_tokens = resolve_max_tokens(ctx, len(prompt_ids), req.max_new_tokens)
         opens_reasoning = prompt_opens_reasoning(prompt)
@@ -83,7 +92,7 @@ class ChatServing:
             tool_names = {t.function.name for t in req.tools}
             if isinstance(req.tool_choice, NamedToolChoice):
                 tool_names = {req.tool_choice.function.name}
-        constraint = chat_constraint(req, opens_reasoning, max_tokens, reasoning_budget)
+        constraint = await asyncio.to_thread(chat_constraint, req, opens_reasoning, max_tokens, reasoning_budget)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, max_tokens, logprobs, constraint, vocab_size=ctx.vocab_size)
         choices = [
@@ -220,9 +229,10 @@ class CompletionServing:
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute; "
                            "send echo or logprobs, not both", "echo")
+        check_capacity(ctx)
         request_id = random_id("cmpl-")
         gens = []
-        for p, ids in enumerate(self.prompts(req)):
+        for p, ids in enumerate(await asyncio.to_thread(self.prompts, req)):
             max_tokens = resolve_max_tokens(ctx, len(ids), req.max_new_tokens)
             params = sampling_params(req, max_tokens, req.logprobs, vocab_size=ctx.vocab_size)
             choices = [ChoiceText.create(ResponseParser(), req.stop, req.include_stop_str_in_output) for _ in range(req.n)]
@@ -230,9 +240,9 @@ class CompletionServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(request_id, gens, include_usage, req), media_type="text/event-stream")
+        await run_all(gens)
         body_choices = []
         for p, gen in enumerate(gens):
-            await gen.run()
             for i, choice in enumerate(gen.choices):
                 body_choices.append(
                     {
@@ -273,21 +283,21 @@ class CompletionServing:
     async def _stream(self, request_id: str, gens: list[Generation], include_usage: bool, req: CompletionRequest):
         base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.ctx.model_name}
 
-        async def chunks() -> AsyncIterator[dict]:
-            for p, gen in enumerate(gens):
-                if req.echo:
-                    for i in range(req.n):
-                        yield {**base, "choices": [{"index": p * req.n + i, "text": self._echo(req, gen), "finish_reason": None,
-                                                    "logprobs": None, **self._token_ids(req, gen, [])}]}
-                async with aclosing(gen.steps()) as steps:
-                    async for step in steps:
-                        if step.delta.content or step.finish_reason is not None or (req.return_token_ids and step.token_ids):
-                            choice = {"index": p * req.n + step.index, "text": step.delta.content, "finish_reason": step.finish_reason}
-                            choice["logprobs"] = self._logprobs(step.logprobs) if req.logprobs is not None and step.logprobs else None
-                            if req.return_token_ids:
-                                choice["token_ids"] = step.token_ids
-                            yield {**base, "choices": [choice]}
+        async def chunks(p: int, gen: Generation) -> AsyncIterator[dict]:
+            if req.echo:
+                for i in range(req.n):
+                    yield {**base, "choices": [{"index": p * req.n + i, "text": self._echo(req, gen), "finish_reason": None,
+                                                "logprobs": None, **self._token_ids(req, gen, [])}]}
+            async with aclosing(gen.steps()) as steps:
+                async for step in steps:
+                    if step.delta.content or step.finish_reason is not None or (req.return_token_ids and step.token_ids):
+                        choice = {"index": p * req.n + step.index, "text": step.delta.content, "finish_reason": step.finish_reason}
+                        choice["logprobs"] = self._logprobs(step.logprobs) if req.logprobs is not None and step.logprobs else None
+                        if req.return_token_ids:
+                            choice["token_ids"] = step.token_ids
+                        yield {**base, "choices": [choice]}
 
         usage = (lambda: self._usage(gens)) if include_usage else None
-        async for event in render.sse_stream(self.ctx.metrics, "completions", base, chunks(), usage):
+        merged = merge([chunks(p, gen) for p, gen in enumerate(gens)])
+        async for event in render.sse_stream(self.ctx.metrics, "completions", base, merged, usage):
             yield event

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from s1serve.serve.body_limit import BodySizeLimit
 from s1serve.serve.openai.errors import error_response
 from s1serve.serve.proxy.config import ProxyConfig
 from s1serve.serve.proxy.forward import Forwarder
@@ -60,6 +61,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             await session.close()
 
     app = FastAPI(title="s1serve proxy", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, limit=config.max_request_body_bytes)
     app.state.registry = registry
 
     @app.post("/nodes/add")

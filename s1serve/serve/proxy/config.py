@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from s1serve.errors import S1ServeError
+from s1serve.serve.openai.arguments import DEFAULT_MAX_BODY_BYTES, add_body_limit_argument
 from s1serve.serve.proxy.routing import STRATEGIES
 
 SERVING_STRATEGIES = ("Hybrid", "DistServe")
@@ -30,6 +31,7 @@ class ProxyConfig:
     request_timeout: float | None = 600.0
     seed: int | None = None
     log_level: str = "info"
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
         if self.serving_strategy == "DistServe":
@@ -72,6 +74,7 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the random choices (random strategy, tie breaks)")
     parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"),
                         help="log threshold")
+    add_body_limit_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -87,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         request_timeout=args.request_timeout or None,
         seed=args.seed,
         log_level=args.log_level,
+        max_request_body_bytes=args.max_request_body_bytes,
     )
 
 
