@@ -30,6 +30,7 @@ from s1serve.engine.core import HELLO, EngineAddresses, decode, encode
 from s1serve.engine.engine import EngineStats
 from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
+from s1serve.engine.step_clock import RunningStep, StepClock
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
 STOP_TIMEOUT_S = 10.0  # how long a stopped engine process gets to stop its ranks before it is killed
@@ -74,6 +75,7 @@ class EngineProcessClient:
         self._poller.register(self._dealer, zmq.POLLIN)
         self._poller.register(self._pidfd, zmq.POLLIN)
         info = self._handshake()
+        self._clock = StepClock.shared(addresses.step_clock, create=False)  # the engine made it before it answered
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
         self._thread = threading.Thread(target=self._receive, name="s1serve-engine-client", daemon=True)
@@ -127,6 +129,9 @@ class EngineProcessClient:
             del self._streams[key]
             if not finished and self._error is None:
                 self._send(("abort", key))
+
+    def running_step(self) -> RunningStep | None:
+        return self._clock.running()
 
     def abort(self, request_id: str) -> None:
         if self._error is None:
