@@ -10,6 +10,9 @@ from s1serve.engine.config import add_engine_args
 from s1serve.parallel.config import add_parallel_args
 from s1serve.serve.parsers.registry import REASONING_PARSER_NAMES, TOOL_CALL_PARSER_NAMES
 
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+DEFAULT_ENGINE_STEP_TIMEOUT_S = 120.0
+
 
 def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint folder")
@@ -24,9 +27,19 @@ def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys", nargs="*", default=[], help="accepted bearer keys (default: no auth)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--proxy-url", default=None, help="join this proxy as a node (and leave it on shutdown)")
+    add_lifecycle_arguments(parser)
     add_engine_args(parser)
     add_parallel_args(parser)
     add_media_arguments(parser)
+
+
+def add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("shutdown and health")
+    group.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                       help="seconds SIGTERM lets in-flight requests finish (new ones get 503) before they are ended; "
+                            "a second SIGTERM exits at once")
+    group.add_argument("--engine-step-timeout", type=float, default=DEFAULT_ENGINE_STEP_TIMEOUT_S,
+                       help="/health answers 503 while an engine step has run longer than this (seconds)")
 
 
 def add_media_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from s1serve.errors import S1ServeError
 from s1serve.serve.proxy.routing import STRATEGIES
 
 SERVING_STRATEGIES = ("Hybrid", "DistServe")
+DRAINING = "the proxy is shutting down: it takes no new requests while those in flight finish"
 
 
 class ProxyConfigError(S1ServeError, ValueError):
@@ -30,6 +31,7 @@ class ProxyConfig:
     request_timeout: float | None = 600.0
     seed: int | None = None
     log_level: str = "info"
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.serving_strategy == "DistServe":
@@ -47,6 +49,8 @@ class ProxyConfig:
             raise ProxyConfigError("--unhealthy-after must be >= 1 failed health check")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ProxyConfigError("--request-timeout must be > 0 seconds (or 0 for no limit)")
+        if self.shutdown_timeout < 0:
+            raise ProxyConfigError("--shutdown-timeout must be >= 0 seconds")
 
 
 def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +76,9 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the random choices (random strategy, tie breaks)")
     parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"),
                         help="log threshold")
+    parser.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                        help="seconds SIGTERM lets forwarded requests finish (new ones get 503); a second SIGTERM "
+                             "exits at once")
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -87,19 +94,24 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         request_timeout=args.request_timeout or None,
         seed=args.seed,
         log_level=args.log_level,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    """Run the proxy until interrupted (the `func` of the `proxy` subcommand)."""
+    """Run the proxy until SIGTERM / SIGINT, then drain (the `func` of the `proxy` subcommand)."""
     import uvicorn
 
+    from s1serve.serve.drain import DrainGate, DrainingServer
+    from s1serve.serve.openai.errors import error_response
     from s1serve.serve.proxy.app import create_app
 
     config = config_from_args(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.server_name, port=config.server_port,
-                log_level=config.log_level, access_log=False)
+    gate = DrainGate(create_app(config), lambda _: error_response(503, DRAINING, kind="ServiceUnavailableError"))
+    uvicorn_config = uvicorn.Config(gate, host=config.server_name, port=config.server_port,
+                                    log_level=config.log_level, access_log=False)
+    DrainingServer(uvicorn_config, gate, config.shutdown_timeout).run()
     return 0
 
 
