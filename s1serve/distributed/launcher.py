@@ -13,7 +13,7 @@
 
 Processes are started fresh (`python -m s1serve.distributed.spawned`, never forked: torch and threads) and die
 with their parent, even a SIGKILLed one. SIGTERM / SIGINT to a --headless or DP launcher stops its processes
-and exits 0.
+and exits 0 (a DP rank is given `drain_s` seconds to drain its requests first); a second signal kills them.
 """
 
 from __future__ import annotations
@@ -126,10 +126,17 @@ class Supervisor(FailureSignal):
                     proc.popen.kill()
             self._join(None)
 
-    def terminate(self) -> None:
-        """SIGTERM to every process still running, then stop()."""
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM to every process still running, then stop(timeout)."""
         self._terminate()
-        self.stop()
+        self.stop(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL to every process still running."""
+        self._stopping.set()
+        for proc in self.processes:
+            if proc.exitcode is None:
+                proc.popen.kill()
 
     def wait(self) -> int:
         """Blocks until every process has ended; 1 if one failed, else 0."""
@@ -145,10 +152,17 @@ def start_local_workers(spec: RankSpec) -> Supervisor:
     return Supervisor(procs, until_stopped=True)
 
 
-def _stop_on_signals(supervisor: Supervisor) -> None:
+def _stop_on_signals(supervisor: Supervisor, drain_s: float = 0.0) -> None:
+    signalled = threading.Event()
+
     def handler(signum: int, _: FrameType | None) -> None:
+        if signalled.is_set():
+            log.warning("%s again: killing this node's ranks", signal.Signals(signum).name)
+            supervisor.kill()
+            return
+        signalled.set()
         log.info("%s: stopping this node's ranks", signal.Signals(signum).name)
-        threading.Thread(target=supervisor.terminate, daemon=True).start()
+        threading.Thread(target=supervisor.terminate, args=(STOP_TIMEOUT_S + drain_s,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -164,13 +178,14 @@ def run_headless(spec: RankSpec) -> int:
     return supervisor.wait()
 
 
-def run_dp_ranks(serve_rank: Callable[..., None], args: Any, parallel: ParallelConfig) -> int:
+def run_dp_ranks(serve_rank: Callable[..., None], args: Any, parallel: ParallelConfig, drain_s: float = 0.0) -> int:
     """This node's DP ranks, each a process running serve_rank(args, parallel, rank, parent_pid) (a module-level
-    function that serves DP rank `rank` and exits with its status); exits when they do (non-zero if one failed)."""
+    function that serves DP rank `rank` and exits with its status); exits when they do (non-zero if one failed).
+    On SIGTERM each rank gets `drain_s` seconds (its --shutdown-timeout) more than STOP_TIMEOUT_S to exit."""
     if parallel.ep > 1 and not parallel.address:
         parallel = dataclasses.replace(parallel, dist_init_addr=free_loopback_address())
     ranks = list(parallel.local_ranks)
     procs = spawn(serve_rank, [(args, parallel, r) for r in ranks], [f"dp-rank-{r}" for r in ranks])
     supervisor = Supervisor(procs, until_stopped=True, grace=FAILURE_GRACE_S)
-    _stop_on_signals(supervisor)
+    _stop_on_signals(supervisor, drain_s)
     return supervisor.wait()

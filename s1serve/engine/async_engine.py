@@ -30,6 +30,7 @@ from s1serve.engine.client import EngineDeadError
 from s1serve.engine.engine import Engine, EngineStats
 from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
+from s1serve.engine.step_clock import RunningStep, StepClock
 from s1serve.sampling_params import SamplingParams
 
 IDLE_TICK_S = (0.001, 0.01)  # pause between heartbeat ticks when no rank has work: doubling up to the maximum
@@ -51,6 +52,7 @@ class AsyncEngine:
         self._client_loops: set[asyncio.AbstractEventLoop] = set()
         self._death_callbacks: list[Callable[[BaseException], None]] = []
         self._error: BaseException | None = None
+        self._clock = StepClock()
         self._thread = threading.Thread(target=self._run, name="s1serve-engine", daemon=True)
         self._thread.start()
         engine.runner.on_failure(self.fail)
@@ -110,6 +112,8 @@ class AsyncEngine:
 
     def check_admission(self) -> None:
         self.engine.admission.check_open(len(self._streams))
+    def running_step(self) -> RunningStep | None:
+        return self._clock.running()
 
     def abort(self, request_id: str) -> None:
         """Stops a request: its stream ends with finish_reason "abort" deltas, its blocks are freed."""
@@ -202,7 +206,9 @@ class AsyncEngine:
                         raise EngineDeadError("the engine was shut down")
                     self._handle(command)
                 if runner.any_work(engine.has_unfinished_requests()):
+                    self._clock.begin(len(engine.requests))
                     self._publish(engine.step())
+                    self._clock.end()
                     pause = IDLE_TICK_S[0]
                 elif runner.needs_heartbeat:
                     time.sleep(pause)

@@ -9,6 +9,7 @@ from typing import Protocol
 from s1serve.engine.engine import EngineStats
 from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
+from s1serve.engine.step_clock import RunningStep
 from s1serve.sampling_params import SamplingParams
 
 
@@ -41,6 +42,9 @@ class EngineClient(Protocol):
         that does not wait on the engine (engine/admission.py)."""
 
     def abort(self, request_id: str) -> None: ...
+
+    def running_step(self) -> RunningStep | None:
+        """The engine step running now (None while idle), read without waiting for the engine: for /health."""
 
     async def stats(self) -> EngineStats: ...
 

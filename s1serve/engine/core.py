@@ -11,7 +11,8 @@ Sockets (both bound here; s1serve.entrypoints picks the addresses and starts the
   EngineStats).
 
 A client that has gone away (its API server process died) cannot be routed to any more: its requests are
-aborted, so their KV blocks are freed, and the engine goes on serving the other clients. The loop ends on SIGTERM
+aborted, so their KV blocks are freed, and the engine goes on serving the other clients. Each step is timed on the
+step clock (engine/step_clock.py), which API servers read for /health. The loop ends on SIGTERM
 (open requests are dropped, the runner's other ranks stopped); a step that raises, or a runner failure (a TP/EP
 follower died), ends the process with status 1, which every API server notices at once (and reads why from the death note).
 """
@@ -34,11 +35,14 @@ import zmq
 from s1serve.engine.admission import QueueFullError
 from s1serve.engine.engine import Engine
 from s1serve.engine.outputs import OutputDelta
+from s1serve.engine.step_clock import StepClock
 from s1serve.sampling_params import InvalidParameterError
 
 HELLO = b"hello"
 DEATH_NOTE = "death"  # file beside the sockets: why the engine process ended, for the API servers' 503s
 IDLE_TICK_S = (0.001, 0.01)  # pause between heartbeat ticks when no rank has work: doubling up to the maximum
+# Test-only: every step with work first sleeps this many seconds (a hung step, for the watchdog's tests).
+TEST_STEP_SLEEP_ENV = "S1SERVE_TEST_STEP_SLEEP_S"
 
 log = logging.getLogger("s1serve.engine_core")
 
@@ -73,6 +77,10 @@ class EngineAddresses:
     def death_note(self) -> Path:
         return self.folder / DEATH_NOTE
 
+    @property
+    def step_clock(self) -> Path:
+        return self.folder / "step-clock"
+
 
 class EngineCore:
     def __init__(self, engine: Engine, addresses: EngineAddresses):
@@ -89,6 +97,8 @@ class EngineCore:
         self._poller.register(self._inputs, zmq.POLLIN)
         self._poller.register(self._outputs, zmq.POLLIN)
         self._owners: dict[str, bytes] = {}  # request id -> the client (DEALER identity) that sent it
+        self._clock = StepClock.shared(addresses.step_clock, create=True)
+        self._test_step_sleep_s = float(os.environ.get(TEST_STEP_SLEEP_ENV, "0"))
         self.info = {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
                      "admission": engine.admission}
 
@@ -103,7 +113,11 @@ class EngineCore:
                 busy = runner.needs_heartbeat or engine.has_unfinished_requests()
                 self._receive(block=not busy)
                 if runner.any_work(engine.has_unfinished_requests()):
+                    self._clock.begin(len(engine.requests))
+                    if self._test_step_sleep_s:
+                        time.sleep(self._test_step_sleep_s)
                     self._publish(engine.step())
+                    self._clock.end()
                     pause = IDLE_TICK_S[0]
                 elif runner.needs_heartbeat:
                     time.sleep(pause)

@@ -31,6 +31,7 @@ from s1serve.engine.core import HELLO, EngineAddresses, decode, encode
 from s1serve.engine.engine import EngineStats
 from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
+from s1serve.engine.step_clock import RunningStep, StepClock
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
 
 STOP_TIMEOUT_S = 10.0  # how long a stopped engine process gets to stop its ranks before it is killed
@@ -75,6 +76,7 @@ class EngineProcessClient:
         self._poller.register(self._dealer, zmq.POLLIN)
         self._poller.register(self._pidfd, zmq.POLLIN)
         info = self._handshake()
+        self._clock = StepClock.shared(addresses.step_clock, create=False)  # the engine made it before it answered
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
         self.admission: Admission = info["admission"]
@@ -134,6 +136,8 @@ class EngineProcessClient:
 
     def check_admission(self) -> None:
         self.admission.check_open(len(self._streams))
+    def running_step(self) -> RunningStep | None:
+        return self._clock.running()
 
     def abort(self, request_id: str) -> None:
         if self._error is None:

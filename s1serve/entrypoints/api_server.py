@@ -10,6 +10,11 @@
 - --headless: this node runs only its follower ranks of rank 0's engine (no server).
 - --dp: this process only launches and supervises one api_server process per local DP rank, on --server-port +
   DP rank, each with its own engine process.
+
+SIGTERM (or SIGINT) drains (serve/drain.py): the API servers answer 503 to new requests and let those in flight
+finish for up to --shutdown-timeout seconds, and only then is the engine process stopped; exit status 0. A
+launcher of several API servers or DP ranks forwards SIGTERM and waits for them; a second signal ends everything at
+once.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def run_api_server(args: argparse.Namespace) -> int:
         args.api_server_count = max(1, args.api_server_count // len(parallel.local_ranks))
         ports = [args.server_port + r for r in parallel.local_ranks]
         log.info("node %d: DP ranks %s on ports %s", parallel.node_rank, list(parallel.local_ranks), ports)
-        return run_dp_ranks(_serve_dp_rank, args, parallel)
+        return run_dp_ranks(_serve_dp_rank, args, parallel, drain_s=args.shutdown_timeout)
     return serve_rank(args, parallel)
 
 
@@ -110,10 +115,19 @@ def _run_api_servers(args: argparse.Namespace, port: int, addresses: EngineAddre
     servers = spawn(_api_server_process, [(args, port, addresses, core.pid)] * count,
                     [f"api-server-{i}" for i in range(count)])
     stopping = threading.Event()
+    forced = threading.Event()  # a second signal: the API servers were killed
 
     def stop(signum: int, _: FrameType | None) -> None:
-        log.info("%s: stopping the API servers and the engine", signal.Signals(signum).name)
+        if stopping.is_set():
+            log.warning("%s again: killing the API servers", signal.Signals(signum).name)
+            forced.set()
+            for server in servers:
+                server.popen.kill()
+            return
+        log.info("%s: draining the API servers, then stopping the engine", signal.Signals(signum).name)
         stopping.set()
+        for server in servers:
+            server.popen.terminate()  # each drains (serve/drain.py)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -125,10 +139,9 @@ def _run_api_servers(args: argparse.Namespace, port: int, addresses: EngineAddre
                 log.warning("%s; %d API servers remain", server.describe_exit(), count - len(reported))
         if core.exitcode is not None or len(reported) == count:
             break
-    for server in servers:
-        if server.exitcode is None and stopping.is_set():
-            server.popen.terminate()
     codes = [server.popen.wait() for server in servers]
+    if forced.is_set():
+        return 1
     return 0 if stopping.is_set() else 1 if core.exitcode is not None else max(codes) or 1
 
 
@@ -136,6 +149,7 @@ def _api_server_process(args: argparse.Namespace, port: int, addresses: EngineAd
                         parent_pid: int) -> None:
     """One of --api-server-count API server processes (started by _run_api_servers)."""
     die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the launcher forwards SIGTERM
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, force=True)
     try:
         code = serve_api(args, port, addresses, engine_pid, sock=shared_listener(args.server_name, port))
@@ -160,6 +174,7 @@ def shared_listener(host: str, port: int) -> socket.socket:
 def _serve_dp_rank(args: argparse.Namespace, parallel: ParallelConfig, rank: int, parent_pid: int) -> None:
     """A DP rank's process (started by run_dp_ranks)."""
     die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the launcher forwards SIGTERM
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, force=True)
     try:
         code = serve_rank(args, parallel, rank)

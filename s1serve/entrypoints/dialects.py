@@ -25,6 +25,7 @@ from typing import Any
 
 from s1serve.engine.config import EngineConfig
 from s1serve.parallel.config import BACKENDS, ParallelConfig
+from s1serve.serve.openai.arguments import DEFAULT_SHUTDOWN_TIMEOUT_S
 from s1serve.serve.parsers.registry import REASONING_PARSER_NAMES, TOOL_CALL_PARSER_NAMES
 
 INTERNAL_COMMAND = "s1serve serve api_server"
@@ -131,6 +132,7 @@ VLLM: tuple[Flag, ...] = COMMON_VALUE_FLAGS + (
     Flag(("--api-key",), "--api-keys", options={"default": None, "help": "the bearer key clients must send"}),
     Flag(("--uvicorn-log-level",), "--log-level", options={"choices": LOG_LEVELS, "default": "info"}),
     Flag(("--api-server-count",), "--api-server-count", options={"type": int, "default": None}),
+    Flag(("--shutdown-timeout",), "--shutdown-timeout", options={"type": float, "default": DEFAULT_SHUTDOWN_TIMEOUT_S}),
     Flag(("--media-io-kwargs",), "--media-io-kwargs",
          options={"default": None, "help": 'JSON, e.g. \'{"video": {"num_frames": 768, "fps": 2}}\''}),
     Flag(("--mm-processor-cache-gb",), "--mm-processor-cache-gb", options={"type": float, "default": None}),

@@ -5,6 +5,7 @@ a client that goes away mid-stream frees its blocks too."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -56,14 +57,17 @@ def complete(base_url: str, max_tokens: int = 4) -> list[int]:
     return reply.json()["choices"][0]["text"]
 
 
-def start_stream(base_url: str, started: threading.Event) -> threading.Thread:
-    """A long streamed request, left running in a thread (it ends when its server goes away)."""
+def start_stream(base_url: str, started: threading.Event, lines: list[str] | None = None) -> threading.Thread:
+    """A long streamed request, left running in a thread (it ends when its server goes away); its non-empty
+    lines go to `lines`."""
 
     def run() -> None:
         body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True, "stream": True}
         try:
             with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as reply:
-                for _ in reply.iter_lines():
+                for line in reply.iter_lines():
+                    if line and lines is not None:
+                        lines.append(line)
                     started.set()
         except httpx.HTTPError:
             pass
@@ -84,6 +88,9 @@ def wait_until(condition, timeout: float, what: str) -> float:
 def test_a_killed_engine_process_gets_503_within_a_second_and_the_server_exits(tiny_checkpoint, tmp_path):
     server = start_api_server(tiny_checkpoint, tmp_path / "server.log", *ENGINE_ARGS)
     try:
+        started, lines = threading.Event(), []
+        in_flight = start_stream(server.base_url, started, lines)
+        assert started.wait(60)
         engine = child_named(server.process.pid, "engine-core-0")
         os.kill(engine, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -91,6 +98,7 @@ def test_a_killed_engine_process_gets_503_within_a_second_and_the_server_exits(t
             lambda: httpx.get(f"{server.base_url}/health", timeout=5).status_code == 503, 5, "no 503"
         )
         refused = httpx.post(f"{server.v1}/completions", json={"model": "tiny", "prompt": "hi"}, timeout=5)
+        in_flight.join(10)
         code = server.process.wait(timeout=20)
         exited_after = time.monotonic() - killed_at
     finally:
@@ -100,6 +108,10 @@ def test_a_killed_engine_process_gets_503_within_a_second_and_the_server_exits(t
           f"after {exited_after:.1f} s")
     assert unhealthy_after < 1.0
     assert refused.status_code == 503 and "engine" in refused.json()["error"]["message"]
+    # The request in flight got its error (one error event, then [DONE]) before the server exited.
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == 503 and "engine process" in error["message"], error
     assert code == 1, server.log()
 
 

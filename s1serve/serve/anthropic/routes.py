@@ -51,26 +51,24 @@ class MessagesServing:
         renderer = MessageRenderer(random_id("msg_"), self.chat.ctx.model_name)
         if req.stream:
             return StreamingResponse(self._stream(run, renderer), media_type="text/event-stream")
-        await run.run()
-        self.chat.ctx.metrics.requests.labels("messages", "ok").inc()
+        with self.chat.ctx.metrics.counted("messages"):
+            await run.run()
         return JSONResponse(renderer.final(run.builder.blocks, run.finish_reason, run.stop_string, run.usage()))
 
     async def _stream(self, run: BlockRun, renderer: MessageRenderer) -> AsyncIterator[str]:
-        outcome = "ok"
-        try:
-            for event in renderer.start(len(run.prepared.gen.prompt_ids)):
-                yield _sse(event)
-            async for block_event in run.events():
-                for event in renderer.events(block_event, run.builder.blocks):
+        with self.chat.ctx.metrics.counted("messages") as outcome:
+            try:
+                for event in renderer.start(len(run.prepared.gen.prompt_ids)):
                     yield _sse(event)
-            message = renderer.final(run.builder.blocks, run.finish_reason, run.stop_string, run.usage())
-            for event in renderer.end(message):
-                yield _sse(event)
-        except APIError as exc:
-            outcome = "error"
-            yield _sse(error_body(exc.status, exc.message))
-        finally:
-            self.chat.ctx.metrics.requests.labels("messages", outcome).inc()
+                async for block_event in run.events():
+                    for event in renderer.events(block_event, run.builder.blocks):
+                        yield _sse(event)
+                message = renderer.final(run.builder.blocks, run.finish_reason, run.stop_string, run.usage())
+                for event in renderer.end(message):
+                    yield _sse(event)
+            except APIError as exc:
+                outcome.failed()
+                yield _sse(error_body(exc.status, exc.message))
 
     async def count_tokens(self, req: CountTokensRequest) -> JSONResponse:
         chat = count_request(req)

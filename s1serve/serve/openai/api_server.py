@@ -2,7 +2,9 @@
 
 Which processes run it, with which engine, is s1serve.entrypoints' business (entrypoints/api_server.py). An
 engine that dies answers 503 at once; when asked to, the server then exits with status 1 a few seconds later, so
-that a supervisor restarts it.
+that a supervisor restarts it. /health never waits for the engine: it reads whether the engine has died and how
+long its current step has run (503 past --engine-step-timeout). A client that disconnects aborts its request
+(serve/disconnect.py); SIGTERM drains (serve/drain.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.anthropic.errors import error_response as anthropic_error_response
 from s1serve.serve.anthropic.routes import add_messages_routes
 from s1serve.serve.body_limit import BodySizeLimit
+from s1serve.serve.disconnect import CancelOnDisconnect
+from s1serve.serve.drain import DrainGate, DrainingServer
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
@@ -34,19 +38,28 @@ from s1serve.serve.openai.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from s1serve.serve.openai.arguments import media_pipeline
+from s1serve.serve.openai.arguments import DEFAULT_ENGINE_STEP_TIMEOUT_S, media_pipeline
 from s1serve.serve.openai.prepare import ServingContext, render_chat_prompt
 from s1serve.serve.openai.serving import ChatServing, CompletionServing
 from s1serve.serve.openai.unicode_check import RejectLoneSurrogates
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
-from s1serve.serve.proxy.registration import advertised_url, proxy_membership
+from s1serve.serve.proxy.registration import Membership, advertised_url, proxy_membership
 from s1serve.serve.responses.routes import add_responses_routes
 from s1serve.tokenizer import Tokenizer
 
+DRAINING = "the server is shutting down: it takes no new requests while those in flight finish"
 log = logging.getLogger("s1serve.api_server")
 
 
-def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any = None) -> FastAPI:
+def error_for(path: str, status: int, message: str) -> Response:
+    """An error in the shape of the route's API: Anthropic's on /v1/messages, OpenAI's elsewhere."""
+    if path.startswith("/v1/messages"):
+        return anthropic_error_response(status, message)
+    return error_response(status, message)
+
+
+def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any = None,
+              engine_step_timeout: float = DEFAULT_ENGINE_STEP_TIMEOUT_S) -> FastAPI:
     app = FastAPI(title="s1serve", description="OpenAI-compatible API for Intern-S1-Pro", lifespan=lifespan)
     install_error_handlers(app)
     chat, completions = ChatServing(ctx), CompletionServing(ctx)
@@ -58,17 +71,16 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
             key = header[len("Bearer ") :] if header.startswith("Bearer ") else request.headers.get("x-api-key")
             if key not in api_keys:
                 message = "missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')"
-                if request.url.path.startswith("/v1/messages"):
-                    return anthropic_error_response(401, message)
-                return error_response(401, message)
+                return error_for(request.url.path, 401, message)
         return await call_next(request)
 
     @app.get("/health")
     async def health() -> Response:
-        try:
-            await ctx.engine.stats()
-        except EngineDeadError as exc:
-            return error_response(503, str(exc))
+        if ctx.engine.errored:
+            return error_response(503, f"the engine has stopped: {ctx.engine.error}")
+        step = ctx.engine.running_step()
+        if step is not None and step.age_s > engine_step_timeout:
+            return error_response(503, f"{step.describe()}, longer than --engine-step-timeout {engine_step_timeout:g} s")
         return JSONResponse({"status": "healthy"})
 
     @app.get("/metrics")
@@ -148,13 +160,15 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
     )
     stopping = threading.Event()
     died = threading.Event()
+    memberships: list[Membership] = []
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         try:
             if args.proxy_url:
                 node_url = advertised_url(args.server_name, port, args.proxy_url)
-                async with proxy_membership(args.proxy_url, node_url, models=[name], capacity=args.max_num_seqs):
+                async with proxy_membership(args.proxy_url, node_url, models=[name], capacity=args.max_num_seqs) as m:
+                    memberships.append(m)
                     yield
             else:
                 yield
@@ -162,10 +176,16 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
             stopping.set()
             engine.close()
 
-    app = build_app(ctx, tuple(args.api_keys), lifespan)
-    server = uvicorn.Server(
-        uvicorn.Config(BodySizeLimit(RejectLoneSurrogates(app), args.max_request_body_bytes), host=args.server_name, port=port, log_level=args.log_level)
-    )
+    async def leave_proxy() -> None:
+        for membership in memberships:
+            await membership.leave()
+
+    app = build_app(ctx, tuple(args.api_keys), lifespan, args.engine_step_timeout)
+    gate = DrainGate(CancelOnDisconnect(BodySizeLimit(RejectLoneSurrogates(app), args.max_request_body_bytes)),
+                     lambda path: error_for(path, 503, DRAINING))
+    config = uvicorn.Config(gate, host=args.server_name, port=port, log_level=args.log_level)
+    # Past the grace period the requests still running get their error: the engine client is closed.
+    server = DrainingServer(config, gate, args.shutdown_timeout, on_drain=leave_proxy, on_timeout=engine.close)
 
     def exit_soon(error: BaseException) -> None:
         if stopping.is_set() or exit_grace_s is None:

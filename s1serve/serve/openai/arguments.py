@@ -25,6 +25,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+DEFAULT_ENGINE_STEP_TIMEOUT_S = 120.0
+
+
 def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint folder")
     parser.add_argument("--server-name", default="0.0.0.0")
@@ -42,9 +46,19 @@ def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request may take in the engine (queued and generating); past it the request "
                         "is aborted and answered 504 (default: no limit)")
     add_body_limit_argument(parser)
+    add_lifecycle_arguments(parser)
     add_engine_args(parser)
     add_parallel_args(parser)
     add_media_arguments(parser)
+
+
+def add_lifecycle_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("shutdown and health")
+    group.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                       help="seconds SIGTERM lets in-flight requests finish (new ones get 503) before they are ended; "
+                            "a second SIGTERM exits at once")
+    group.add_argument("--engine-step-timeout", type=float, default=DEFAULT_ENGINE_STEP_TIMEOUT_S,
+                       help="/health answers 503 while an engine step has run longer than this (seconds)")
 
 
 def add_media_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from s1serve.engine.engine import EngineStats
+
+# How a request that the client abandoned ends: its handler is cancelled (serve/disconnect.py) or its response
+# stream is closed.
+ABORTED = (asyncio.CancelledError, GeneratorExit)
+
+
+class Outcome:
+    """What `ServerMetrics.counted` counts a request as: "ok", "error" or "abort"."""
+
+    def __init__(self) -> None:
+        self.value = "ok"
+
+    def failed(self) -> None:
+        """The request ended with an error that was answered (an error event in a stream), not raised."""
+        self.value = "error"
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -48,6 +68,22 @@ class ServerMetrics:
             "s1serve_mm_cache_hits", "Images/videos whose features came from the cache (not encoded again)",
             registry=self.registry,
         )
+
+    @contextmanager
+    def counted(self, endpoint: str) -> Iterator[Outcome]:
+        """Counts one request of `endpoint` in s1serve_requests when the block ends: "abort" if the client went
+        away (ABORTED), "error" if it raised anything else or called `failed()`, else "ok"."""
+        outcome = Outcome()
+        try:
+            yield outcome
+        except ABORTED:
+            outcome.value = "abort"
+            raise
+        except BaseException:
+            outcome.value = "error"
+            raise
+        finally:
+            self.requests.labels(endpoint, outcome.value).inc()
 
     def observe_engine(self, stats: EngineStats) -> None:
         """Engine gauges, read at scrape time."""

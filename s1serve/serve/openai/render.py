@@ -27,17 +27,15 @@ async def sse_stream(
     metrics: ServerMetrics, endpoint: str, base: dict, chunks: AsyncIterator[dict], usage: Callable[[], dict] | None
 ) -> AsyncIterator[str]:
     """The events of one streamed response: its chunks, an error event if it fails midway, the usage chunk when asked
-    for, then [DONE]; the outcome is counted in the request metrics."""
-    outcome = "ok"
-    try:
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                yield sse(chunk)
-    except APIError as exc:
-        outcome = "error"
-        yield sse(error_body(exc.status, exc.message, exc.param))
-    finally:
-        metrics.requests.labels(endpoint, outcome).inc()
+    for, then [DONE]; the outcome (an abort if the client goes away) is counted in the request metrics."""
+    with metrics.counted(endpoint) as outcome:
+        try:
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    yield sse(chunk)
+        except APIError as exc:
+            outcome.failed()
+            yield sse(error_body(exc.status, exc.message, exc.param))
     if usage is not None:
         yield sse({**base, "choices": [], "usage": usage()})
     yield "data: [DONE]\n\n"

@@ -118,8 +118,8 @@ class ChatServing:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self._stream(gen, include_usage, reasoning_ids, req.logprobs, req.return_token_ids)
             return StreamingResponse(stream, media_type="text/event-stream")
-        await gen.run()
-        ctx.metrics.requests.labels("chat", "ok").inc()
+        with ctx.metrics.counted("chat"):
+            await gen.run()
         body_choices = []
         for i, choice in enumerate(choices):
             parsed = choice.parsed(gen.finish_reasons[i])
@@ -240,7 +240,8 @@ class CompletionServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(request_id, gens, include_usage, req), media_type="text/event-stream")
-        await run_all(gens)
+        with ctx.metrics.counted("completions"):
+            await run_all(gens)
         body_choices = []
         for p, gen in enumerate(gens):
             for i, choice in enumerate(gen.choices):
@@ -253,7 +254,6 @@ class CompletionServing:
                         **self._token_ids(req, gen, gen.token_ids[i]),
                     }
                 )
-        ctx.metrics.requests.labels("completions", "ok").inc()
         return JSONResponse(
             {
                 "id": request_id,

@@ -12,6 +12,7 @@ from s1serve.serve.openai.arguments import DEFAULT_MAX_BODY_BYTES, add_body_limi
 from s1serve.serve.proxy.routing import STRATEGIES
 
 SERVING_STRATEGIES = ("Hybrid", "DistServe")
+DRAINING = "the proxy is shutting down: it takes no new requests while those in flight finish"
 
 
 class ProxyConfigError(S1ServeError, ValueError):
@@ -32,6 +33,7 @@ class ProxyConfig:
     seed: int | None = None
     log_level: str = "info"
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.serving_strategy == "DistServe":
@@ -49,6 +51,8 @@ class ProxyConfig:
             raise ProxyConfigError("--unhealthy-after must be >= 1 failed health check")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ProxyConfigError("--request-timeout must be > 0 seconds (or 0 for no limit)")
+        if self.shutdown_timeout < 0:
+            raise ProxyConfigError("--shutdown-timeout must be >= 0 seconds")
 
 
 def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +79,9 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"),
                         help="log threshold")
     add_body_limit_argument(parser)
+    parser.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                        help="seconds SIGTERM lets forwarded requests finish (new ones get 503); a second SIGTERM "
+                             "exits at once")
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -91,19 +98,24 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         seed=args.seed,
         log_level=args.log_level,
         max_request_body_bytes=args.max_request_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    """Run the proxy until interrupted (the `func` of the `proxy` subcommand)."""
+    """Run the proxy until SIGTERM / SIGINT, then drain (the `func` of the `proxy` subcommand)."""
     import uvicorn
 
+    from s1serve.serve.drain import DrainGate, DrainingServer
+    from s1serve.serve.openai.errors import error_response
     from s1serve.serve.proxy.app import create_app
 
     config = config_from_args(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.server_name, port=config.server_port,
-                log_level=config.log_level, access_log=False)
+    gate = DrainGate(create_app(config), lambda _: error_response(503, DRAINING, kind="ServiceUnavailableError"))
+    uvicorn_config = uvicorn.Config(gate, host=config.server_name, port=config.server_port,
+                                    log_level=config.log_level, access_log=False)
+    DrainingServer(uvicorn_config, gate, config.shutdown_timeout).run()
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Use `proxy_membership` around the server's lifetime (in its lifespan): it registers in the background once the
 server answers its own /health with 200, so startup never waits for the proxy, re-registers now and then so that
-a restarted proxy finds it again, and unregisters on shutdown.
+a restarted proxy finds it again, and unregisters on shutdown, or earlier when the server starts draining
+(`Membership.leave`).
 """
 
 from __future__ import annotations
@@ -88,9 +89,28 @@ async def wait_until_serving(node_url: str, interval: float = 0.2) -> None:
             await asyncio.sleep(interval)
 
 
+class Membership:
+    """This server as a node of a proxy: joining (in the background) until `leave()`."""
+
+    def __init__(self, proxy_url: str, node_url: str, joining: asyncio.Task):
+        self.proxy_url = proxy_url
+        self.node_url = node_url
+        self._joining: asyncio.Task | None = joining
+
+    async def leave(self) -> None:
+        """Stops re-registering and unregisters (once; later calls do nothing)."""
+        if self._joining is None:
+            return
+        joining, self._joining = self._joining, None
+        joining.cancel()
+        with suppress(asyncio.CancelledError):
+            await joining
+        await unregister_from_proxy(self.proxy_url, self.node_url)
+
+
 @asynccontextmanager
 async def proxy_membership(proxy_url: str, node_url: str, models: list[str], capacity: int = 1, *,
-                           rejoin_interval: float = 30.0) -> AsyncIterator[None]:
+                           rejoin_interval: float = 30.0) -> AsyncIterator[Membership]:
     """Be a node of the proxy while the context is open (enter it in the api_server's lifespan).
 
     Registration is repeated every `rejoin_interval` seconds (adding a known url is harmless), so a restarted
@@ -106,11 +126,8 @@ async def proxy_membership(proxy_url: str, node_url: str, models: list[str], cap
         except RegistrationRefused as exc:
             log.error("%s", exc)
 
-    task = asyncio.create_task(join())
+    membership = Membership(proxy_url, node_url, asyncio.create_task(join()))
     try:
-        yield
+        yield membership
     finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
-        await unregister_from_proxy(proxy_url, node_url)
+        await membership.leave()

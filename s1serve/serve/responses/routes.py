@@ -55,30 +55,28 @@ class ResponsesServing:
         metrics = self.chat.ctx.metrics
         if req.stream:
             return StreamingResponse(self._stream(req, translation, run, renderer), media_type="text/event-stream")
-        await run.run()
+        with metrics.counted("responses"):
+            await run.run()
         response = renderer.final(run.builder.blocks, run.finish_reason, run.usage())
         self._keep(req, translation, run, response)
-        metrics.requests.labels("responses", "ok").inc()
         return JSONResponse(response)
 
     async def _stream(
         self, req: ResponsesRequest, translation: ChatTranslation, run: BlockRun, renderer: ResponseRenderer
     ) -> AsyncIterator[str]:
-        outcome = "ok"
-        try:
-            for event in renderer.start():
-                yield _sse(event)
-            async for block_event in run.events():
-                for event in renderer.events(block_event, run.builder.blocks):
+        with self.chat.ctx.metrics.counted("responses") as outcome:
+            try:
+                for event in renderer.start():
                     yield _sse(event)
-            response = renderer.final(run.builder.blocks, run.finish_reason, run.usage())
-            self._keep(req, translation, run, response)
-            yield _sse(renderer.end(response))
-        except APIError as exc:
-            outcome = "error"
-            yield _sse(renderer.error(exc.status, exc.message, exc.param))
-        finally:
-            self.chat.ctx.metrics.requests.labels("responses", outcome).inc()
+                async for block_event in run.events():
+                    for event in renderer.events(block_event, run.builder.blocks):
+                        yield _sse(event)
+                response = renderer.final(run.builder.blocks, run.finish_reason, run.usage())
+                self._keep(req, translation, run, response)
+                yield _sse(renderer.end(response))
+            except APIError as exc:
+                outcome.failed()
+                yield _sse(renderer.error(exc.status, exc.message, exc.param))
 
     def retrieve(self, response_id: str) -> JSONResponse:
         entry = self.store.get(response_id)
