@@ -15,13 +15,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from s1serve.engine.client import EngineClient, EngineDeadError
 from s1serve.sampling_params import InvalidParameterError, check_token_ids
-from s1serve.serve.anthropic.errors import error_response as anthropic_error_response
 from s1serve.serve.anthropic.routes import add_messages_routes
+from s1serve.serve.auth import ADMIN_KEY_ENV, RequireKey, api_server_rule, key_from, keys_from
+from s1serve.serve.cors import CorsSettings, with_cors
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
@@ -81,22 +82,11 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
-def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any = None) -> FastAPI:
+def build_app(ctx: ServingContext, lifespan: Any = None) -> FastAPI:
+    """The routes; API keys and CORS wrap it in serve_http (s1serve.serve.auth, s1serve.serve.cors)."""
     app = FastAPI(title="s1serve", description="OpenAI-compatible API for Intern-S1-Pro", lifespan=lifespan)
     install_error_handlers(app)
     chat, completions = ChatServing(ctx), CompletionServing(ctx)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Response:
-        if api_keys and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            key = header[len("Bearer ") :] if header.startswith("Bearer ") else request.headers.get("x-api-key")
-            if key not in api_keys:
-                message = "missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')"
-                if request.url.path.startswith("/v1/messages"):
-                    return anthropic_error_response(401, message)
-                return error_response(401, message)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> Response:
@@ -187,7 +177,9 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         try:
             if args.proxy_url:
                 node_url = advertised_url(args.server_name, port, args.proxy_url)
-                async with proxy_membership(args.proxy_url, node_url, models=[name], capacity=args.max_num_seqs):
+                admin_key = key_from(args.proxy_admin_key, ADMIN_KEY_ENV)
+                async with proxy_membership(args.proxy_url, node_url, models=[name], capacity=args.max_num_seqs,
+                                            admin_key=admin_key):
                     yield
             else:
                 yield
@@ -195,10 +187,12 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
             stopping.set()
             engine.close()
 
-    app = build_app(ctx, tuple(args.api_keys), lifespan)
-    server = uvicorn.Server(
-        uvicorn.Config(BodySizeLimit(RejectLoneSurrogates(app), MAX_BODY_BYTES), host=args.server_name, port=port, log_level=args.log_level)
-    )
+    app: Any = BodySizeLimit(RejectLoneSurrogates(build_app(ctx, lifespan)), MAX_BODY_BYTES)
+    rule = api_server_rule(keys_from(args.api_keys), args.metrics_public)
+    if rule is not None:
+        app = RequireKey(app, rule)  # before the body is read
+    app = with_cors(app, CorsSettings.from_args(args))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.server_name, port=port, log_level=args.log_level))
 
     def exit_soon(error: BaseException) -> None:
         if stopping.is_set() or exit_grace_s is None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from s1serve.errors import S1ServeError
+from s1serve.serve.auth import ADMIN_KEY_ENV, NODE_KEY_ENV, PROXY_API_KEY_ENV, key_from, keys_from
+from s1serve.serve.cors import CorsSettings, add_cors_arguments
 from s1serve.serve.proxy.routing import STRATEGIES
 
 SERVING_STRATEGIES = ("Hybrid", "DistServe")
@@ -30,6 +32,11 @@ class ProxyConfig:
     request_timeout: float | None = 600.0
     seed: int | None = None
     log_level: str = "info"
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # clients' keys (every route but /health)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # /nodes/*
+    node_key: str | None = field(default=None, repr=False)  # sent to the nodes as Authorization: Bearer
+    metrics_public: bool = False
+    cors: CorsSettings = CorsSettings()
 
     def __post_init__(self) -> None:
         if self.serving_strategy == "DistServe":
@@ -72,6 +79,17 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the random choices (random strategy, tie breaks)")
     parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"),
                         help="log threshold")
+    keys = parser.add_argument_group("API keys (each also read from its environment variable when not given)")
+    keys.add_argument("--api-key", "--api-keys", dest="api_key", nargs="*", default=None,
+                      help=f"keys clients must send on every route but /health (${PROXY_API_KEY_ENV})")
+    keys.add_argument("--admin-key", default=None,
+                      help=f"key for /nodes/* (${ADMIN_KEY_ENV}); with --api-key and no admin key, /nodes/* "
+                           "answer 403 (nodes cannot join)")
+    keys.add_argument("--node-key", default=None,
+                      help=f"key the proxy sends to the nodes: their --api-key (${NODE_KEY_ENV}); the clients' "
+                           "keys are never forwarded")
+    keys.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+    add_cors_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -87,6 +105,11 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         request_timeout=args.request_timeout or None,
         seed=args.seed,
         log_level=args.log_level,
+        api_keys=tuple(keys_from(args.api_key, (PROXY_API_KEY_ENV,))),
+        admin_keys=tuple(keys_from([args.admin_key], (ADMIN_KEY_ENV,))),
+        node_key=key_from(args.node_key, NODE_KEY_ENV),
+        metrics_public=args.metrics_public,
+        cors=CorsSettings.from_args(args),
     )
 
 
