@@ -259,3 +259,14 @@ def test_lmdeploy_master_address_variables_are_read(monkeypatch):
     monkeypatch.setenv("LMDEPLOY_DP_MASTER_ADDR", NODE0)
     monkeypatch.setenv("LMDEPLOY_DP_MASTER_PORT", "29555")
     assert ParallelConfig(dp=16, ep=16, nnodes=2).address == f"{NODE0}:29555"
+
+
+def test_vllm_api_key_and_cors_flags_map_and_the_key_is_never_logged():
+    args, notes = vllm([MODEL, "--api-key", "sk-secret-1", "--allowed-origins", '["https://a.example"]',
+                        "--allow-credentials"])
+    assert args.api_keys == ["sk-secret-1"]
+    assert (args.allowed_origins, args.allow_credentials) == (["https://a.example"], True)
+    assert all("sk-secret-1" not in note for note in notes)
+    assert any("--api-key *** -> --api-keys ***" in note for note in notes)
+    default, _ = vllm([MODEL])
+    assert (default.api_keys, default.allowed_origins) == ([], None)  # no key, no CORS unless given

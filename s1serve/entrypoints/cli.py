@@ -128,7 +128,7 @@ def api_server_args(
     add_api_server_parser_arguments(internal)
     translation = translate(dialect, args, args.argv, parser, internal)
     notes = [f"{label}: {note}" for note in translation.notes]
-    notes.append(f"{label}: runs as {INTERNAL_COMMAND} {shlex.join(translation.argv)}")
+    notes.append(f"{label}: runs as {INTERNAL_COMMAND} {shlex.join(translation.shown())}")
     return internal.parse_args(translation.argv), notes
 
 

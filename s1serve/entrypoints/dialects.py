@@ -30,6 +30,7 @@ from s1serve.serve.parsers.registry import REASONING_PARSER_NAMES, TOOL_CALL_PAR
 
 INTERNAL_COMMAND = "s1serve serve api_server"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+REDACTED = "***"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Flag:
     becomes: str | None = None  # the api_server flag that takes its value; None: derived or ignored (see note)
     note: str = ""  # how it maps (logged after the mapping), or why it is ignored
     options: dict[str, Any] = field(default_factory=dict)  # argparse.add_argument keyword arguments
+    secret: bool = False  # a key: its value is never logged
 
     @property
     def dest(self) -> str:
@@ -129,7 +131,13 @@ VLLM: tuple[Flag, ...] = COMMON_VALUE_FLAGS + (
     Flag(("--enforce-eager",), note=NO_CUDA_GRAPHS, options={"action": "store_true"}),
     Flag(("--enable-auto-tool-choice",),
          note="tool_choice 'auto' is served whenever --tool-call-parser is set", options={"action": "store_true"}),
-    Flag(("--api-key",), "--api-keys", options={"default": None, "help": "the bearer key clients must send"}),
+    Flag(("--api-key",), "--api-keys", secret=True,
+         options={"default": None, "help": "the key clients must send (default: $VLLM_API_KEY)"}),
+    Flag(("--allowed-origins",), "--allowed-origins",
+         note="CORS stays off unless given (vLLM's default is every origin)", options={"default": None}),
+    Flag(("--allowed-methods",), "--allowed-methods", options={"default": None}),
+    Flag(("--allowed-headers",), "--allowed-headers", options={"default": None}),
+    Flag(("--allow-credentials",), "--allow-credentials", options={"action": "store_true"}),
     Flag(("--uvicorn-log-level",), "--log-level", options={"choices": LOG_LEVELS, "default": "info"}),
     Flag(("--api-server-count",), "--api-server-count", options={"type": int, "default": None}),
     Flag(("--shutdown-timeout",), "--shutdown-timeout", options={"type": float, "default": DEFAULT_SHUTDOWN_TIMEOUT_S}),
@@ -181,7 +189,8 @@ SGLANG: tuple[Flag, ...] = COMMON_VALUE_FLAGS + (
     Flag(("--disable-radix-cache",), note="--no-enable-prefix-caching", options={"action": "store_true"}),
     Flag(("--dtype",), "--dtype", options={"choices": DTYPES, "default": "auto"}),
     Flag(("--random-seed",), "--seed", options={"type": int, "default": ENGINE.seed}),
-    Flag(("--api-key",), "--api-keys", options={"default": None, "help": "the bearer key clients must send"}),
+    Flag(("--api-key",), "--api-keys", secret=True,
+         options={"default": None, "help": "the key clients must send"}),
     Flag(("--log-level",), "--log-level", options={"choices": LOG_LEVELS, "default": "info"}),
 )
 
@@ -223,12 +232,19 @@ class Translation:
 
     argv: list[str]
     notes: list[str] = field(default_factory=list)
+    secret_at: set[int] = field(default_factory=set)  # positions in argv of values never logged
 
-    def add(self, flag: str, value: Any = True) -> None:
+    def add(self, flag: str, value: Any = True, secret: bool = False) -> None:
         if isinstance(value, bool):  # a switch: --flag, or --no-flag for a BooleanOptionalAction turned off
             self.argv.append(flag if value else "--no-" + flag[2:])
         elif value is not None:
             self.argv += [flag, str(value)]
+            if secret:
+                self.secret_at.add(len(self.argv) - 1)
+
+    def shown(self) -> list[str]:
+        """argv as logged: secret values replaced by ***."""
+        return [REDACTED if i in self.secret_at else arg for i, arg in enumerate(self.argv)]
 
 
 def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -251,9 +267,9 @@ def _translate(ns: argparse.Namespace, flags: tuple[Flag, ...], parser: argparse
     for f in flags:
         value = getattr(ns, f.dest)
         if f.becomes and value != _internal_default(internal, f.becomes):
-            out.add(f.becomes, value)
+            out.add(f.becomes, value, f.secret)
         if f.dest in given:
-            out.notes.append(_note(f, value))
+            out.notes.append(_note(f, REDACTED if f.secret else value))
     return out
 
 

@@ -87,9 +87,9 @@ def test_guide_tool_calling_streamed(client):
 
 
 def test_thinking_switch(api_server, client):
-    rendered = httpx.post(f"{api_server.base_url}/tokenize", json={"messages": QUESTION}).json()
+    rendered = _post(api_server, "/tokenize", json={"messages": QUESTION}).json()
     plain_text = {"tokens": rendered["tokens"], "skip_special_tokens": False, "spaces_between_special_tokens": False}
-    prompt = httpx.post(f"{api_server.base_url}/detokenize", json=plain_text).json()["prompt"]
+    prompt = _post(api_server, "/detokenize", json=plain_text).json()["prompt"]
     assert prompt.endswith("<|im_start|>assistant\n<think>")
     thinking = client.chat.completions.create(model="intern-s1-pro", messages=QUESTION, max_tokens=24, temperature=0)
     message = thinking.choices[0].message
@@ -146,10 +146,10 @@ def test_concurrent_streams_and_dropped_client_frees_blocks(api_server):
     with httpx.stream("POST", url, json=body, headers=api_server.headers, timeout=60) as response:
         chunks = (line for line in response.iter_lines() if '"reasoning_content"' in line)
         assert len([c for _, c in zip(range(3), chunks)]) == 3
-        during = _metric(httpx.get(f"{api_server.base_url}/metrics").text, "s1serve_kv_cache_usage_ratio")
+        during = _metric(httpx.get(f"{api_server.base_url}/metrics", headers=api_server.headers).text, "s1serve_kv_cache_usage_ratio")
         assert during > 0
     for _ in range(100):
-        text = httpx.get(f"{api_server.base_url}/metrics").text
+        text = httpx.get(f"{api_server.base_url}/metrics", headers=api_server.headers).text
         if _metric(text, "s1serve_kv_cache_usage_ratio") == 0 and _metric(text, "s1serve_num_requests_running") == 0:
             break
         asyncio.run(asyncio.sleep(0.1))

@@ -18,14 +18,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from s1serve.engine.client import EngineClient, EngineDeadError
 from s1serve.sampling_params import InvalidParameterError, check_token_ids
-from s1serve.serve.anthropic.errors import error_response as anthropic_error_response
 from s1serve.serve.anthropic.routes import add_messages_routes
+from s1serve.serve.auth import ADMIN_KEY_ENV, RequireKey, api_server_rule, key_from, keys_from
 from s1serve.serve.body_limit import BodySizeLimit
+from s1serve.serve.cors import CorsSettings, with_cors
 from s1serve.serve.disconnect import CancelOnDisconnect
 from s1serve.serve.drain import DrainGate, DrainingServer
 from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
@@ -45,34 +46,19 @@ from s1serve.serve.openai.unicode_check import RejectLoneSurrogates
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import Membership, advertised_url, proxy_membership
 from s1serve.serve.responses.routes import add_responses_routes
+from s1serve.serve.route_errors import error_for
 from s1serve.tokenizer import Tokenizer
 
 DRAINING = "the server is shutting down: it takes no new requests while those in flight finish"
 log = logging.getLogger("s1serve.api_server")
 
 
-def error_for(path: str, status: int, message: str) -> Response:
-    """An error in the shape of the route's API: Anthropic's on /v1/messages, OpenAI's elsewhere."""
-    if path.startswith("/v1/messages"):
-        return anthropic_error_response(status, message)
-    return error_response(status, message)
-
-
-def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any = None,
+def build_app(ctx: ServingContext, lifespan: Any = None,
               engine_step_timeout: float = DEFAULT_ENGINE_STEP_TIMEOUT_S) -> FastAPI:
+    """The routes; API keys, CORS, body limit and drain wrap it in serve_http."""
     app = FastAPI(title="s1serve", description="OpenAI-compatible API for Intern-S1-Pro", lifespan=lifespan)
     install_error_handlers(app)
     chat, completions = ChatServing(ctx), CompletionServing(ctx)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Response:
-        if api_keys and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            key = header[len("Bearer ") :] if header.startswith("Bearer ") else request.headers.get("x-api-key")
-            if key not in api_keys:
-                message = "missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')"
-                return error_for(request.url.path, 401, message)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> Response:
@@ -167,7 +153,9 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         try:
             if args.proxy_url:
                 node_url = advertised_url(args.server_name, port, args.proxy_url)
-                async with proxy_membership(args.proxy_url, node_url, models=[name], capacity=args.max_num_seqs) as m:
+                admin_key = key_from(args.proxy_admin_key, ADMIN_KEY_ENV)
+                async with proxy_membership(args.proxy_url, node_url, models=[name], capacity=args.max_num_seqs,
+                                            admin_key=admin_key) as m:
                     memberships.append(m)
                     yield
             else:
@@ -180,9 +168,12 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         for membership in memberships:
             await membership.leave()
 
-    app = build_app(ctx, tuple(args.api_keys), lifespan, args.engine_step_timeout)
-    gate = DrainGate(CancelOnDisconnect(BodySizeLimit(RejectLoneSurrogates(app), args.max_request_body_bytes)),
-                     lambda path: error_for(path, 503, DRAINING))
+    app: Any = CancelOnDisconnect(BodySizeLimit(RejectLoneSurrogates(build_app(ctx, lifespan, args.engine_step_timeout)),
+                                                args.max_request_body_bytes))
+    rule = api_server_rule(keys_from(args.api_keys), args.metrics_public)
+    if rule is not None:
+        app = RequireKey(app, rule)  # before the body is read
+    gate = DrainGate(with_cors(app, CorsSettings.from_args(args)), lambda path: error_for(path, 503, DRAINING))
     config = uvicorn.Config(gate, host=args.server_name, port=port, log_level=args.log_level)
     # Past the grace period the requests still running get their error: the engine client is closed.
     server = DrainingServer(config, gate, args.shutdown_timeout, on_drain=leave_proxy, on_timeout=engine.close)

@@ -8,6 +8,7 @@ from typing import Any
 
 from s1serve.engine.config import add_engine_args
 from s1serve.parallel.config import add_parallel_args
+from s1serve.serve.cors import add_cors_arguments
 from s1serve.serve.parsers.registry import REASONING_PARSER_NAMES, TOOL_CALL_PARSER_NAMES
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -39,7 +40,10 @@ def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one device per rank under --tp/--ep/--dp)")
     parser.add_argument("--reasoning-parser", default=None, help=f"one of {', '.join(REASONING_PARSER_NAMES)}")
     parser.add_argument("--tool-call-parser", default=None, help=f"one of {', '.join(TOOL_CALL_PARSER_NAMES)}")
-    parser.add_argument("--api-keys", nargs="*", default=[], help="accepted bearer keys (default: no auth)")
+    parser.add_argument("--api-keys", "--api-key", nargs="*", default=[],
+                        help="accepted keys, required on every route but /health (default: $S1SERVE_API_KEY or "
+                             "$VLLM_API_KEY if set, else no auth)")
+    parser.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--proxy-url", default=None, help="join this proxy as a node (and leave it on shutdown)")
     parser.add_argument("--request-timeout", type=_positive_float, default=None,
@@ -47,6 +51,9 @@ def add_api_server_arguments(parser: argparse.ArgumentParser) -> None:
                         "is aborted and answered 504 (default: no limit)")
     add_body_limit_argument(parser)
     add_lifecycle_arguments(parser)
+    parser.add_argument("--proxy-admin-key", default=None,
+                        help="the proxy's --admin-key, sent when joining it (default: $S1SERVE_PROXY_ADMIN_KEY)")
+    add_cors_arguments(parser)
     add_engine_args(parser)
     add_parallel_args(parser)
     add_media_arguments(parser)

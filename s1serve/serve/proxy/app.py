@@ -11,8 +11,10 @@ import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.middleware.cors import CORSMiddleware
 
 from s1serve.serve.body_limit import BodySizeLimit
+from s1serve.serve.auth import RequireKey, bearer, proxy_rule
 from s1serve.serve.openai.errors import error_response
 from s1serve.serve.proxy.config import ProxyConfig
 from s1serve.serve.proxy.forward import Forwarder
@@ -47,6 +49,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0),
             timeout=aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.request_timeout),
             auto_decompress=False,
+            headers=bearer(config.node_key),  # every call to a node, health checks included (never the client's key)
         )
         app.state.monitor = HealthMonitor(registry, session, config.health_interval, config.health_timeout,
                                           config.unhealthy_after)
@@ -63,6 +66,11 @@ def create_app(config: ProxyConfig) -> FastAPI:
     app = FastAPI(title="s1serve proxy", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, limit=config.max_request_body_bytes)
     app.state.registry = registry
+    rule = proxy_rule(config.api_keys, config.admin_keys, config.metrics_public)
+    if rule is not None:
+        app.add_middleware(RequireKey, rule=rule)  # outermost but for CORS: before the body is read
+    if config.cors.allowed_origins:
+        app.add_middleware(CORSMiddleware, **config.cors.options())  # outside the key check: preflights carry none
 
     @app.post("/nodes/add")
     async def add_node(body: NodeAdd, request: Request) -> Response:

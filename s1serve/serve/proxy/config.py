@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from s1serve.errors import S1ServeError
 from s1serve.serve.openai.arguments import DEFAULT_MAX_BODY_BYTES, add_body_limit_argument
+from s1serve.serve.auth import ADMIN_KEY_ENV, NODE_KEY_ENV, PROXY_API_KEY_ENV, key_from, keys_from
+from s1serve.serve.cors import CorsSettings, add_cors_arguments
 from s1serve.serve.proxy.routing import STRATEGIES
 
 SERVING_STRATEGIES = ("Hybrid", "DistServe")
@@ -34,6 +36,11 @@ class ProxyConfig:
     log_level: str = "info"
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_timeout: float = 30.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # clients' keys (every route but /health)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # /nodes/*
+    node_key: str | None = field(default=None, repr=False)  # sent to the nodes as Authorization: Bearer
+    metrics_public: bool = False
+    cors: CorsSettings = CorsSettings()
 
     def __post_init__(self) -> None:
         if self.serving_strategy == "DistServe":
@@ -82,6 +89,17 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                         help="seconds SIGTERM lets forwarded requests finish (new ones get 503); a second SIGTERM "
                              "exits at once")
+    keys = parser.add_argument_group("API keys (each also read from its environment variable when not given)")
+    keys.add_argument("--api-key", "--api-keys", dest="api_key", nargs="*", default=None,
+                      help=f"keys clients must send on every route but /health (${PROXY_API_KEY_ENV})")
+    keys.add_argument("--admin-key", default=None,
+                      help=f"key for /nodes/* (${ADMIN_KEY_ENV}); with --api-key and no admin key, /nodes/* "
+                           "answer 403 (nodes cannot join)")
+    keys.add_argument("--node-key", default=None,
+                      help=f"key the proxy sends to the nodes: their --api-key (${NODE_KEY_ENV}); the clients' "
+                           "keys are never forwarded")
+    keys.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+    add_cors_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
@@ -99,6 +117,11 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         log_level=args.log_level,
         max_request_body_bytes=args.max_request_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
+        api_keys=tuple(keys_from(args.api_key, (PROXY_API_KEY_ENV,))),
+        admin_keys=tuple(keys_from([args.admin_key], (ADMIN_KEY_ENV,))),
+        node_key=key_from(args.node_key, NODE_KEY_ENV),
+        metrics_public=args.metrics_public,
+        cors=CorsSettings.from_args(args),
     )
 
 

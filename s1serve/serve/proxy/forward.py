@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from s1serve.serve.auth import KEY_HEADERS
 from s1serve.serve.openai.errors import error_body, error_response
 from s1serve.serve.proxy.metrics import ProxyMetrics
 from s1serve.serve.proxy.nodes import Node, NodeRegistry
@@ -55,7 +56,9 @@ def events_end(buffer: bytes) -> int:
 
 
 def upstream_headers(request: Request) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP]
+    """The client's headers as sent to a node: without hop-by-hop headers and without the client's credentials
+    (the proxy's session presents its own --node-key)."""
+    headers = [(k, v) for k, v in request.headers.items() if k not in HOP_BY_HOP and k not in KEY_HEADERS]
     client = request.client.host if request.client else ""
     forwarded_for = ", ".join(filter(None, [request.headers.get("x-forwarded-for"), client]))
     headers = [(k, v) for k, v in headers if not k.startswith("x-forwarded-")]

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from s1serve.serve.auth import bearer
+
 log = logging.getLogger("s1serve.proxy.registration")
 
 
@@ -46,11 +48,13 @@ def advertised_url(server_name: str, port: int, proxy_url: str, scheme: str = "h
 
 
 async def register_with_proxy(proxy_url: str, node_url: str, models: list[str], capacity: int = 1, *,
-                              retry_interval: float = 0.25, max_retry_interval: float = 2.0) -> None:
-    """POST /nodes/add until the proxy answers 2xx; connection errors and 5xx are retried with growing pauses."""
+                              admin_key: str | None = None, retry_interval: float = 0.25,
+                              max_retry_interval: float = 2.0) -> None:
+    """POST /nodes/add (with the proxy's admin key, if any) until the proxy answers 2xx; connection errors and 5xx
+    are retried with growing pauses."""
     body = {"url": node_url, "status": {"models": models, "capacity": capacity, "role": "Hybrid"}}
     pause = retry_interval
-    async with httpx.AsyncClient(timeout=10.0) as client:
+    async with httpx.AsyncClient(timeout=10.0, headers=bearer(admin_key)) as client:
         while True:
             try:
                 response = await client.post(f"{proxy_url.rstrip('/')}/nodes/add", json=body)
@@ -68,10 +72,11 @@ async def register_with_proxy(proxy_url: str, node_url: str, models: list[str], 
             pause = min(pause * 2, max_retry_interval)
 
 
-async def unregister_from_proxy(proxy_url: str, node_url: str, timeout: float = 5.0) -> bool:
+async def unregister_from_proxy(proxy_url: str, node_url: str, timeout: float = 5.0,
+                                admin_key: str | None = None) -> bool:
     """POST /nodes/remove once; False (logged, not raised) if the proxy is gone: shutdown must not fail on it."""
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=timeout, headers=bearer(admin_key)) as client:
             response = await client.post(f"{proxy_url.rstrip('/')}/nodes/remove", params={"node_url": node_url})
         return response.is_success
     except httpx.HTTPError as exc:
@@ -92,10 +97,11 @@ async def wait_until_serving(node_url: str, interval: float = 0.2) -> None:
 class Membership:
     """This server as a node of a proxy: joining (in the background) until `leave()`."""
 
-    def __init__(self, proxy_url: str, node_url: str, joining: asyncio.Task):
+    def __init__(self, proxy_url: str, node_url: str, joining: asyncio.Task, admin_key: str | None):
         self.proxy_url = proxy_url
         self.node_url = node_url
         self._joining: asyncio.Task | None = joining
+        self._admin_key = admin_key
 
     async def leave(self) -> None:
         """Stops re-registering and unregisters (once; later calls do nothing)."""
@@ -105,13 +111,14 @@ class Membership:
         joining.cancel()
         with suppress(asyncio.CancelledError):
             await joining
-        await unregister_from_proxy(self.proxy_url, self.node_url)
+        await unregister_from_proxy(self.proxy_url, self.node_url, admin_key=self._admin_key)
 
 
 @asynccontextmanager
 async def proxy_membership(proxy_url: str, node_url: str, models: list[str], capacity: int = 1, *,
-                           rejoin_interval: float = 30.0) -> AsyncIterator[Membership]:
-    """Be a node of the proxy while the context is open (enter it in the api_server's lifespan).
+                           rejoin_interval: float = 30.0, admin_key: str | None = None) -> AsyncIterator[Membership]:
+    """Be a node of the proxy while the context is open (enter it in the api_server's lifespan); `admin_key`:
+    the proxy's --admin-key, which /nodes/* require when it has one.
 
     Registration is repeated every `rejoin_interval` seconds (adding a known url is harmless), so a restarted
     proxy, which keeps no state, finds its nodes again.
@@ -121,12 +128,12 @@ async def proxy_membership(proxy_url: str, node_url: str, models: list[str], cap
         await wait_until_serving(node_url)
         try:
             while True:
-                await register_with_proxy(proxy_url, node_url, models, capacity)
+                await register_with_proxy(proxy_url, node_url, models, capacity, admin_key=admin_key)
                 await asyncio.sleep(rejoin_interval)
         except RegistrationRefused as exc:
             log.error("%s", exc)
 
-    membership = Membership(proxy_url, node_url, asyncio.create_task(join()))
+    membership = Membership(proxy_url, node_url, asyncio.create_task(join()), admin_key)
     try:
         yield membership
     finally:
