@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from s1serve.distributed.failure import FailureSignal
+from s1serve.engine.failure import FailureSignal
 from s1serve.parallel.config import ParallelConfig
 from s1serve.distributed.groups import (
     World,

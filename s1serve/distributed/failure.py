@@ -1,47 +1,5 @@
-"""The first failure among a set of workers (processes, actors, a lost collective), told once to everyone."""
-
-from __future__ import annotations
-
-import logging
-import threading
-from collections.abc import Callable
-
-log = logging.getLogger("s1serve.launcher")
+"""How a worker's end is told to the engine."""
 
 
 class WorkerDied(RuntimeError):
     """A rank's process ended while the engine needed it."""
-
-
-class FailureSignal:
-    """The first failure of a set of workers, told once to every callback (also to those registered after it)."""
-
-    def __init__(self) -> None:
-        self.failure: BaseException | None = None
-        self._lock = threading.Lock()
-        self._reported = threading.Event()
-        self._callbacks: list[Callable[[BaseException], None]] = []
-
-    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
-        with self._lock:
-            if self.failure is None:
-                self._callbacks.append(callback)
-                return
-        callback(self.failure)
-
-    def report(self, error: BaseException) -> bool:
-        """Records the failure and runs the callbacks; False (and nothing done) when one was recorded before."""
-        with self._lock:
-            if self.failure is not None:
-                return False
-            self.failure = error
-            self._reported.set()
-            callbacks, self._callbacks = self._callbacks, []
-        log.error("%s", error)
-        for callback in callbacks:
-            callback(error)
-        return True
-
-    def wait(self, timeout: float) -> bool:
-        """True once a failure is reported (waits up to `timeout` seconds for one)."""
-        return self._reported.wait(timeout)

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from s1serve.distributed.failure import FailureSignal, WorkerDied
+from s1serve.distributed.failure import WorkerDied
+from s1serve.engine.failure import FailureSignal
 from s1serve.distributed.groups import free_loopback_address
 from s1serve.distributed.worker import RankSpec, run_worker
 from s1serve.parallel.config import ParallelConfig

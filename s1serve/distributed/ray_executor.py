@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from s1serve.distributed.failure import FailureSignal, WorkerDied
+from s1serve.distributed.failure import WorkerDied
+from s1serve.engine.failure import FailureSignal
 from s1serve.distributed.launcher import STOP_TIMEOUT_S
 from s1serve.distributed.spawned import LOG_FORMAT
 from s1serve.distributed.worker import RankSpec, follow_rank

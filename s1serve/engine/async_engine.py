@@ -9,10 +9,7 @@ the engine is dead: every open request and every waiting call gets EngineDeadErr
 thread is still blocked in a collective, and so does every later call; `on_death` callbacks run. After
 `shutdown()` open requests end with finish_reason "abort" and later calls get EngineDeadError.
 
-A runner that needs a heartbeat (a DP rank whose MoE layers exchange tokens with the other DP ranks) is ticked
-without pause: each tick asks all ranks whether any has work, steps if one has (an idle rank runs the model's
-empty step), and sleeps a few milliseconds if none has (1 ms, doubling to 10 ms while all stay idle), so that
-every rank enters the same forwards.
+The loop's turn (a step, or a heartbeat for a DP rank) is engine/ticker.py's.
 """
 
 from __future__ import annotations
@@ -20,59 +17,36 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from s1serve.engine.admission import QueueFullError
 from s1serve.engine.client import EngineDeadError
+from s1serve.engine.client_side import ClientSide
 from s1serve.engine.engine import Engine, EngineStats
 from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.step_clock import RunningStep, StepClock
+from s1serve.engine.ticker import EngineTicker
 from s1serve.sampling_params import SamplingParams
 
-IDLE_TICK_S = (0.001, 0.01)  # pause between heartbeat ticks when no rank has work: doubling up to the maximum
 DEAD_JOIN_S = 2.0  # how long shutdown waits for the thread of a dead engine (it may be stuck in a collective)
 
 
 _DONE = object()  # end of a request's stream
 
 
-class AsyncEngine:
+class AsyncEngine(ClientSide):
     def __init__(self, engine: Engine):
+        super().__init__()
         self.engine = engine
         self._commands: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        # Touched on their event loop only: request id -> (stream, loop); futures of pending calls.
-        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
-        self._calls: set[asyncio.Future] = set()
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}  # touched in the engine thread only
-        self._lock = threading.Lock()  # guards _error, _client_loops and _death_callbacks
-        self._client_loops: set[asyncio.AbstractEventLoop] = set()
-        self._death_callbacks: list[Callable[[BaseException], None]] = []
-        self._error: BaseException | None = None
         self._clock = StepClock()
         self._thread = threading.Thread(target=self._run, name="s1serve-engine", daemon=True)
         self._thread.start()
         engine.runner.on_failure(self.fail)
-
-    @property
-    def errored(self) -> bool:
-        return self._error is not None
-
-    @property
-    def error(self) -> BaseException | None:
-        """Why the engine is dead (None while it lives)."""
-        return self._error
-
-    def on_death(self, callback: Callable[[BaseException], None]) -> None:
-        """Calls `callback(error)` once when the engine dies (from whichever thread notices; at once if dead)."""
-        with self._lock:
-            if self._error is None:
-                self._death_callbacks.append(callback)
-                return
-        callback(self._error)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str, media: Sequence[MediaInput] = ()
@@ -124,13 +98,13 @@ class AsyncEngine:
         self._check_alive()
         self._join_loop()
         future = asyncio.get_running_loop().create_future()
-        self._calls.add(future)
+        self._calls[id(future)] = future
         try:
             self._commands.put(("call", self.engine.stats, future))
             self._check_alive()
             return await future
         finally:
-            self._calls.discard(future)
+            del self._calls[id(future)]
 
     def shutdown(self) -> None:
         """Stops the engine thread: open requests end with finish_reason "abort", later calls fail.
@@ -154,49 +128,17 @@ class AsyncEngine:
 
     def fail(self, error: BaseException) -> None:
         """Marks the engine dead (from any thread): open requests and pending calls get EngineDeadError now."""
-        with self._lock:
-            if self._error is not None:
-                return
-            self._error = error
-            loops = list(self._client_loops)
-            callbacks, self._death_callbacks = self._death_callbacks, []
-        dead = EngineDeadError(f"the engine has stopped: {error}")
-        for loop in loops:
-            try:
-                loop.call_soon_threadsafe(self._fail_waiters, loop, dead)
-            except RuntimeError:  # that loop has closed: nothing of it waits
-                pass
-        self._commands.put(("stop",))  # wakes an idle engine thread, which then ends
-        for callback in callbacks:
-            callback(error)
-
-    def _check_alive(self) -> None:
-        if self._error is not None:
-            raise EngineDeadError(f"the engine has stopped: {self._error}") from self._error
-
-    def _join_loop(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            self._client_loops.add(loop)
-        return loop
-
-    def _fail_waiters(self, loop: asyncio.AbstractEventLoop, dead: EngineDeadError) -> None:
-        for stream, stream_loop in self._streams.values():
-            if stream_loop is loop:
-                stream.put_nowait(dead)
-        for future in self._calls:
-            if future.get_loop() is loop and not future.done():
-                future.set_exception(dead)
+        if self._mark_dead(error):
+            self._commands.put(("stop",))  # wakes an idle engine thread, which then ends
 
     # ------------------------------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
-        engine, runner = self.engine, self.engine.runner
-        pause = IDLE_TICK_S[0]
+        engine = self.engine
+        ticker = EngineTicker(engine, self._clock)
         try:
-            while self._error is None:
-                wait = not runner.needs_heartbeat and not engine.has_unfinished_requests()
-                commands = [self._commands.get()] if wait else []
+            while not self.errored:
+                commands = [self._commands.get()] if ticker.idle else []
                 while not self._commands.empty():
                     commands.append(self._commands.get_nowait())
                 for command in commands:
@@ -205,14 +147,9 @@ class AsyncEngine:
                             self._publish(engine.abort(request_id))
                         raise EngineDeadError("the engine was shut down")
                     self._handle(command)
-                if runner.any_work(engine.has_unfinished_requests()):
-                    self._clock.begin(len(engine.requests))
-                    self._publish(engine.step())
-                    self._clock.end()
-                    pause = IDLE_TICK_S[0]
-                elif runner.needs_heartbeat:
-                    time.sleep(pause)
-                    pause = min(2 * pause, IDLE_TICK_S[1])
+                deltas = ticker.tick()
+                if deltas:
+                    self._publish(deltas)
         except BaseException as exc:  # noqa: BLE001 - every open request must learn that the engine is gone
             self.fail(exc)
             self._loops.clear()

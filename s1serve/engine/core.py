@@ -23,7 +23,6 @@ import logging
 import os
 import pickle
 import signal
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +35,11 @@ from s1serve.engine.admission import QueueFullError
 from s1serve.engine.engine import Engine
 from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.step_clock import StepClock
+from s1serve.engine.ticker import EngineTicker
 from s1serve.sampling_params import InvalidParameterError
 
 HELLO = b"hello"
 DEATH_NOTE = "death"  # file beside the sockets: why the engine process ended, for the API servers' 503s
-IDLE_TICK_S = (0.001, 0.01)  # pause between heartbeat ticks when no rank has work: doubling up to the maximum
 # Test-only: every step with work first sleeps this many seconds (a hung step, for the watchdog's tests).
 TEST_STEP_SLEEP_ENV = "S1SERVE_TEST_STEP_SLEEP_S"
 
@@ -104,24 +103,16 @@ class EngineCore:
 
     def run(self) -> None:
         """Serves until SIGTERM; then drops open requests and stops the runner's other ranks."""
-        engine, runner = self.engine, self.engine.runner
-        runner.on_failure(self._exit_on_failure)
+        engine = self.engine
+        engine.runner.on_failure(self._exit_on_failure)
         previous = signal.signal(signal.SIGTERM, _raise_stop)
-        pause = IDLE_TICK_S[0]
+        ticker = EngineTicker(engine, self._clock, self._test_step_sleep_s)
         try:
             while True:
-                busy = runner.needs_heartbeat or engine.has_unfinished_requests()
-                self._receive(block=not busy)
-                if runner.any_work(engine.has_unfinished_requests()):
-                    self._clock.begin(len(engine.requests))
-                    if self._test_step_sleep_s:
-                        time.sleep(self._test_step_sleep_s)
-                    self._publish(engine.step())
-                    self._clock.end()
-                    pause = IDLE_TICK_S[0]
-                elif runner.needs_heartbeat:
-                    time.sleep(pause)
-                    pause = min(2 * pause, IDLE_TICK_S[1])
+                self._receive(block=ticker.idle)
+                deltas = ticker.tick()
+                if deltas:
+                    self._publish(deltas)
         except _Stop:
             log.info("SIGTERM: stopping the engine")
         except BaseException as exc:

@@ -20,13 +20,14 @@ import signal
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import zmq
 
 from s1serve.engine.admission import Admission, QueueFullError
 from s1serve.engine.client import EngineDeadError
+from s1serve.engine.client_side import ClientSide
 from s1serve.engine.core import HELLO, EngineAddresses, decode, encode
 from s1serve.engine.engine import EngineStats
 from s1serve.engine.media import MediaInput
@@ -42,10 +43,11 @@ log = logging.getLogger("s1serve.engine_client")
 _DONE = object()  # end of a request's stream
 
 
-class EngineProcessClient:
+class EngineProcessClient(ClientSide):
     def __init__(self, addresses: EngineAddresses, engine_pid: int, owns_engine: bool = False):
         """Connects and waits until the engine process has loaded its model; EngineDeadError if it ends first.
         `owns_engine`: close() stops the engine process too (the single API server in front of it)."""
+        super().__init__()
         self.engine_pid = engine_pid
         self._death_note = addresses.death_note
         self._owns_engine = owns_engine
@@ -64,14 +66,7 @@ class EngineProcessClient:
         except ProcessLookupError:
             self._context.destroy(linger=0)
             raise EngineDeadError(f"the engine process (pid {engine_pid}) has ended") from None
-        # request id (namespaced) -> (stream, loop); call id -> future. Added and removed on their event loop.
-        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
-        self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
-        self._lock = threading.Lock()  # guards _error, _client_loops and _death_callbacks
-        self._client_loops: set[asyncio.AbstractEventLoop] = set()
-        self._death_callbacks: list[Callable[[BaseException], None]] = []
-        self._error: BaseException | None = None
         self._poller = zmq.Poller()
         self._poller.register(self._dealer, zmq.POLLIN)
         self._poller.register(self._pidfd, zmq.POLLIN)
@@ -84,21 +79,6 @@ class EngineProcessClient:
         self._thread.start()
 
     # ------------------------------------------------------------------------------------------- EngineClient
-
-    @property
-    def errored(self) -> bool:
-        return self._error is not None
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    def on_death(self, callback: Callable[[BaseException], None]) -> None:
-        with self._lock:
-            if self._error is None:
-                self._death_callbacks.append(callback)
-                return
-        callback(self._error)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str, media: Sequence[MediaInput] = ()
@@ -131,7 +111,7 @@ class EngineProcessClient:
                 yield item
         finally:
             del self._streams[key]
-            if not finished and self._error is None:
+            if not finished and not self.errored:
                 self._send(("abort", key))
 
     def check_admission(self) -> None:
@@ -140,7 +120,7 @@ class EngineProcessClient:
         return self._clock.running()
 
     def abort(self, request_id: str) -> None:
-        if self._error is None:
+        if not self.errored:
             self._send(("abort", self._prefix + request_id))
 
     async def stats(self) -> EngineStats:
@@ -159,7 +139,7 @@ class EngineProcessClient:
     def close(self) -> None:
         """Ends open requests; stops the engine process if this client owns it (else it serves on, for the other
         API servers, until whoever started it stops it)."""
-        self._fail(EngineDeadError("the engine client was closed"), callbacks=False)
+        self._mark_dead(EngineDeadError("the engine client was closed"), notify=False)
         self._thread.join(1.0)
         if self._owns_engine:
             stop_process(self.engine_pid)
@@ -169,16 +149,6 @@ class EngineProcessClient:
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._push_lock:
             self._push.send(encode(message))
-
-    def _check_alive(self) -> None:
-        if self._error is not None:
-            raise EngineDeadError(f"the engine has stopped: {self._error}") from self._error
-
-    def _join_loop(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            self._client_loops.add(loop)
-        return loop
 
     def _handshake(self) -> dict[str, Any]:
         while True:
@@ -196,7 +166,7 @@ class EngineProcessClient:
     def _receive(self) -> None:
         """The receiver thread: engine messages until the engine process ends or this client closes."""
         try:
-            while self._error is None:
+            while not self.errored:
                 events = dict(self._poller.poll(100))
                 if self._dealer in events:
                     while True:
@@ -206,7 +176,7 @@ class EngineProcessClient:
                             break
                         self._dispatch(decode(frame))
                 if self._pidfd in events:
-                    self._fail(RuntimeError(self._why_dead()))
+                    self._mark_dead(RuntimeError(self._why_dead()))
         except zmq.ContextTerminated:
             pass
         finally:
@@ -246,33 +216,6 @@ class EngineProcessClient:
             future = self._calls.get(call_id)
             if future is not None:
                 future.get_loop().call_soon_threadsafe(_resolve, future, stats)
-
-    def _fail(self, error: BaseException, callbacks: bool = True) -> None:
-        """Marks the engine dead (from any thread): open requests and pending calls get EngineDeadError now."""
-        with self._lock:
-            if self._error is not None:
-                return
-            self._error = error
-            loops = list(self._client_loops)
-            waiting, self._death_callbacks = self._death_callbacks, []
-        dead = EngineDeadError(f"the engine has stopped: {error}")
-        for loop in loops:
-            try:
-                loop.call_soon_threadsafe(self._fail_waiters, loop, dead)
-            except RuntimeError:  # that loop has closed: nothing of it waits
-                pass
-        if callbacks:
-            log.error("%s", error)
-            for callback in waiting:
-                callback(error)
-
-    def _fail_waiters(self, loop: asyncio.AbstractEventLoop, dead: EngineDeadError) -> None:
-        for stream, stream_loop in self._streams.values():
-            if stream_loop is loop:
-                stream.put_nowait(dead)
-        for future in self._calls.values():
-            if future.get_loop() is loop and not future.done():
-                future.set_exception(dead)
 
 
 def stop_process(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:

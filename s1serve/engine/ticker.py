@@ -1,0 +1,47 @@
+"""One turn of an engine loop (the in-process AsyncEngine thread and the engine process share it).
+
+A runner that needs a heartbeat (a DP rank whose MoE layers exchange tokens with the other DP ranks) is ticked
+without pause: each tick asks all ranks whether any has work, steps if one has (an idle rank runs the model's
+empty step), and sleeps a few milliseconds if none has (1 ms, doubling to 10 ms while all stay idle), so that
+every rank enters the same forwards. Each step is timed on the step clock, which /health reads.
+"""
+
+from __future__ import annotations
+
+import time
+
+from s1serve.engine.engine import Engine
+from s1serve.engine.outputs import OutputDelta
+from s1serve.engine.step_clock import StepClock
+
+IDLE_TICK_S = (0.001, 0.01)  # pause between heartbeat ticks when no rank has work: doubling up to the maximum
+
+
+class EngineTicker:
+    def __init__(self, engine: Engine, clock: StepClock, test_step_sleep_s: float = 0.0):
+        """`test_step_sleep_s`: tests only; every step sleeps that long first (a slow or hung step)."""
+        self.engine = engine
+        self.clock = clock
+        self.test_step_sleep_s = test_step_sleep_s
+        self._pause = IDLE_TICK_S[0]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do until a new command arrives: the loop may block on its input."""
+        return not self.engine.runner.needs_heartbeat and not self.engine.has_unfinished_requests()
+
+    def tick(self) -> list[OutputDelta]:
+        """A step if any rank has work (its deltas), else a heartbeat pause or nothing."""
+        engine, runner = self.engine, self.engine.runner
+        if runner.any_work(engine.has_unfinished_requests()):
+            self.clock.begin(len(engine.requests))
+            if self.test_step_sleep_s:
+                time.sleep(self.test_step_sleep_s)
+            deltas = engine.step()
+            self.clock.end()
+            self._pause = IDLE_TICK_S[0]
+            return deltas
+        if runner.needs_heartbeat:
+            time.sleep(self._pause)
+            self._pause = min(2 * self._pause, IDLE_TICK_S[1])
+        return []
