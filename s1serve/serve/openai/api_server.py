@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from s1serve.engine.client import EngineClient, EngineDeadError
+from s1serve.engine.faults import FaultPlan
 from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.anthropic.errors import error_response as anthropic_error_response
 from s1serve.serve.anthropic.routes import add_messages_routes
@@ -178,6 +179,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         reasoning_parser=reasoning,
         tool_parser=tools,
         media=media_pipeline(Path(args.model), tokenizer, args),
+        faults=FaultPlan.from_env(),
     )
     stopping = threading.Event()
     died = threading.Event()

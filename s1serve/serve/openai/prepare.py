@@ -8,6 +8,7 @@ from typing import Any
 
 from s1serve.constraints import Constraint, Limits, StructuredOutputError
 from s1serve.engine.client import EngineClient
+from s1serve.engine.faults import FaultPlan
 from s1serve.multimodal.chat import MediaPipeline
 from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length, check_token_ids
 from s1serve.serve.openai.errors import APIError
@@ -30,6 +31,7 @@ class ServingContext:
     reasoning_parser: type[ReasoningParser] | None
     tool_parser: type[ToolCallParser] | None
     media: MediaPipeline | None = None  # None: the checkpoint takes text only
+    faults: FaultPlan | None = None  # test-only fault injection (engine/faults.py)
 
     def token_id(self, text: str) -> int:
         ids = self.tokenizer.encode(text)
