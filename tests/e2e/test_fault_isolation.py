@@ -89,9 +89,9 @@ async def faulty(http: httpx.AsyncClient, stage: str, stream: bool) -> None:
     assert len(errors) == 1 and errors[0]["message"].startswith(expected) and errors[0]["code"] == 500, events
 
 
-async def kv_free(http: httpx.AsyncClient) -> None:
+async def kv_free(http: httpx.AsyncClient, wait_s: float = 10.0) -> None:
     """Every KV block free, nothing running or waiting (bounded wait: the engine reports at its next step)."""
-    for _ in range(100):
+    for _ in range(int(wait_s * 10)):
         text = (await http.get("/metrics")).text
         gauges = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                   if line.startswith(("s1serve_kv_cache_usage_ratio", "s1serve_num_requests_"))}
