@@ -8,10 +8,16 @@ requests added in the same order give the same ids, and a request's ids do not d
 The forward runs in a Runner: the model in this process, or (s1serve.distributed) a TP/EP group of ranks driven
 from here, or one DP rank stepping in lock-step with the others. A step with nothing to run calls runner.idle(),
 so that a DP rank whose MoE layers exchange tokens still joins the others' forward.
+
+An exception while handling one request (its vision encoding, grammar mask or step, sampler row, detokenizer, stop
+strings) ends that request's samples with finish_reason "error" and a message naming the stage, frees their blocks,
+and the step goes on with the others (isolation.py). An exception in the forward (runner.execute) propagates: the
+engine is dead.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,20 +29,24 @@ from s1serve.config import GenerationDefaults
 from s1serve.engine.admission import Admission
 from s1serve.engine.block_manager import BlockManager
 from s1serve.engine.config import EngineConfig, flag
-from s1serve.engine.grammar import Grammars, apply_bitmask, bitmask_width
+from s1serve.engine.faults import FaultPlan
+from s1serve.engine.grammar import Grammars, Matcher, apply_bitmask, bitmask_width
+from s1serve.engine.isolation import StageError, fault_message, per_row
 from s1serve.engine.media import FeatureCache, MediaInput
 from s1serve.engine.model_runner import Runner, StepSequence
 from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.request import Request, Sequence, SequenceStatus
 from s1serve.engine.scheduler import Scheduler
 from s1serve.engine.text_output import TextOutput, TokenizerDetokenizer
-from s1serve.layers.sampler import Sampler, TokenLogprob
+from s1serve.layers.sampler import Sampler, SamplerOutput, TokenLogprob
 from s1serve.sampling_params import (
     InvalidParameterError,
     SamplingParams,
     check_context_length,
     check_token_ids,
 )
+
+log = logging.getLogger("s1serve.engine")
 
 
 class Engine:
@@ -66,7 +76,8 @@ class Engine:
         self.runner = runner
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
-        self.sampler = Sampler()
+        self.faults = FaultPlan.from_env()  # test-only (faults.py); None unless S1SERVE_TEST_FAULT is set
+        self.sampler = Sampler() if self.faults is None else self.faults.sampler(Sampler())
         self.requests: dict[str, Request] = {}
         self._seeds = random.Random(config.seed)
         model_config = runner.model.config
@@ -136,7 +147,8 @@ class Engine:
         from s1serve.engine.structured_output import GrammarCompiler  # the grammar library loads only when used
 
         eos = next(iter(sorted(self.eos_ids)), None)
-        return GrammarCompiler.from_tokenizer(self.tokenizer, self.runner.model.config.text.vocab_size, eos)
+        grammars = GrammarCompiler.from_tokenizer(self.tokenizer, self.runner.model.config.text.vocab_size, eos)
+        return grammars if self.faults is None else self.faults.grammars(grammars)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, media: Sequence[MediaInput] = ()
@@ -170,13 +182,18 @@ class Engine:
                 params.skip_special_tokens,
                 params.spaces_between_special_tokens,
             )
+        text = TextOutput(detokenizer, params.stop)
+        grammar = None if params.constraint is None else self.grammars.matcher(params.constraint)
+        if self.faults is not None:
+            text = self.faults.text_output(request.prompt_token_ids, detokenizer, params.stop)
+            grammar = grammar and self.faults.matcher(request.prompt_token_ids, grammar)
         seq = Sequence(
             request=request,
             index=index,
             token_ids=list(token_ids),
             generator=torch.Generator().manual_seed(request.sample_seed(index)),
-            text=TextOutput(detokenizer, params.stop),
-            grammar=None if params.constraint is None else self.grammars.matcher(params.constraint),
+            text=text,
+            grammar=grammar,
         )
         request.sequences.append(seq)
         return seq
@@ -189,8 +206,7 @@ class Engine:
         deltas = []
         for seq in request.sequences:
             if not seq.finished:
-                self._finish(seq, "abort")
-                deltas.append(self._delta(seq, [], None))
+                deltas += self._close(seq, "abort")
         return deltas
 
     def has_unfinished_requests(self) -> bool:
@@ -202,27 +218,26 @@ class Engine:
         out = self.scheduler.schedule()
         deltas = []
         for seq in out.infeasible:
-            self._finish(seq, "length")
-            deltas.append(self._delta(seq, [], None))
-        if not out.scheduled:
+            deltas += self._close(seq, "length")
+        scheduled, step = self._step_sequences(out.scheduled, deltas)
+        if not scheduled:
             self.runner.idle()
             return deltas
 
-        step = [self._step_sequence(seq, n) for seq, n in out.scheduled]
-        ready = [i for i, (seq, n) in enumerate(out.scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
-        logits = self.runner.execute(step, ready)
-        for seq, n in out.scheduled:
+        ready = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
+        logits = self.runner.execute(step, ready)  # not isolated: a failing forward is the engine's death
+        for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.blocks.cache_full_blocks(seq)
 
         samples: list[Sequence] = []
         rows: list[int] = []
         for row, i in enumerate(ready):
-            seq = out.scheduled[i][0]
+            seq = scheduled[i][0]
             family = [seq] + self._fork(seq)
             samples += family
             rows += [row] * len(family)
-        for seq, _ in out.scheduled:
+        for seq, _ in scheduled:
             self._release_features(seq.request)
         if not samples:
             return deltas
@@ -231,22 +246,81 @@ class Engine:
         constrained = [(row, seq.grammar) for row, seq in enumerate(samples) if seq.grammar is not None]
         if constrained:
             logits = logits.clone()  # the runner's logits are inference tensors: no in-place updates
-            bitmask = torch.empty(len(constrained), bitmask_width(self.vocab_size), dtype=torch.int32)
-            self.grammars.fill_bitmasks([(grammar, k) for k, (_, grammar) in enumerate(constrained)], bitmask)
-            rows_masked = torch.tensor([row for row, _ in constrained], device=logits.device)
-            masked = logits.index_select(0, rows_masked)
-            apply_bitmask(masked, bitmask, self.vocab_size)
-            logits.index_copy_(0, rows_masked, masked)
-        result = self.sampler(
-            logits,
-            [s.request.params for s in samples],
-            [s.generator for s in samples],
-            [s.request.prompt_token_ids for s in samples],
-            [s.output_token_ids for s in samples],
-        )
+            self._apply_grammars(logits, samples, constrained, deltas)
+        result = self._sample(logits, samples, deltas)
         for seq, token, logprob in zip(samples, result.token_ids, result.logprobs):
-            deltas.append(self._append(seq, token, logprob))
+            if seq.finished:  # its request failed in this step
+                continue
+            try:
+                deltas.append(self._append(seq, token, logprob))
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                deltas += self._fail(seq.request, exc.stage if isinstance(exc, StageError) else "output", exc)
         return deltas
+
+    def _step_sequences(
+        self, scheduled: list[tuple[Sequence, int]], deltas: list[OutputDelta]
+    ) -> tuple[list[tuple[Sequence, int]], list[StepSequence]]:
+        """The scheduled sequences whose inputs could be built, and their inputs. A request whose media fails to
+        encode fails (its error deltas go to `deltas`) and leaves the step."""
+        kept, step = [], []
+        for seq, n in scheduled:
+            if seq.finished:  # a sibling's request failed earlier in this loop
+                continue
+            try:
+                step.append(self._step_sequence(seq, n))
+            except Exception as exc:  # noqa: BLE001 - the vision tower on this request's picture
+                deltas += self._fail(seq.request, "vision", exc)
+                continue
+            kept.append((seq, n))
+        return kept, step
+
+    def _apply_grammars(
+        self,
+        logits: torch.Tensor,
+        samples: list[Sequence],
+        constrained: list[tuple[int, Matcher]],
+        deltas: list[OutputDelta],
+    ) -> None:
+        """In place: -inf on the logits each constrained row's grammar forbids. The masks are filled in one call;
+        if it raises, row by row, and the requests whose rows fail fail."""
+        bitmask = torch.empty(len(constrained), bitmask_width(self.vocab_size), dtype=torch.int32)
+        try:
+            self.grammars.fill_bitmasks([(grammar, k) for k, (_, grammar) in enumerate(constrained)], bitmask)
+        except Exception:  # noqa: BLE001 - find the rows that fail
+            _, errors = per_row(len(constrained), lambda k: self.grammars.fill_bitmasks([(constrained[k][1], k)], bitmask))
+            for k, exc in errors.items():
+                bitmask[k].fill_(-1)  # all allowed: the row's token is sampled as usual, then dropped
+                deltas += self._fail(samples[constrained[k][0]].request, "grammar", exc)
+        rows_masked = torch.tensor([row for row, _ in constrained], device=logits.device)
+        masked = logits.index_select(0, rows_masked)
+        apply_bitmask(masked, bitmask, self.vocab_size)
+        logits.index_copy_(0, rows_masked, masked)
+
+    def _sample(self, logits: torch.Tensor, samples: list[Sequence], deltas: list[OutputDelta]) -> SamplerOutput:
+        """One token per row, in one call; if it raises, row by row, and the requests whose rows fail fail (their
+        rows get token 0, never appended)."""
+
+        def run(rows: list[int]) -> SamplerOutput:
+            chosen = [samples[i] for i in rows]
+            return self.sampler(
+                logits if len(rows) == len(samples) else logits[rows],
+                [s.request.params for s in chosen],
+                [s.generator for s in chosen],
+                [s.request.prompt_token_ids for s in chosen],
+                [s.output_token_ids for s in chosen],
+            )
+
+        try:
+            return run(list(range(len(samples))))
+        except Exception:  # noqa: BLE001 - find the rows that fail
+            results, errors = per_row(len(samples), lambda i: run([i]))
+        for i, exc in errors.items():
+            if not samples[i].finished:
+                deltas += self._fail(samples[i].request, "sampler", exc)
+        return SamplerOutput(
+            [results[i].token_ids[0] if i in results else 0 for i in range(len(samples))],
+            [results[i].logprobs[0] if i in results else None for i in range(len(samples))],
+        )
 
     def _step_sequence(self, seq: Sequence, n: int) -> StepSequence:
         """The sequence's part of a step; with the vision features of the media pads among its n new tokens."""
@@ -270,6 +344,8 @@ class Engine:
             item = request.media[index]
             features = self.feature_cache.get(item.key)
             if features is None:
+                if self.faults is not None:
+                    self.faults.check("vision", request.prompt_token_ids)
                 with torch.inference_mode():
                     features = self.runner.model.encode_images(item.pixel_values, torch.tensor([item.grid_thw]))
                 self.feature_cache.put(item.key, features)
@@ -301,7 +377,10 @@ class Engine:
         request, params = seq.request, seq.request.params
         seq.token_ids.append(token)
         if seq.grammar is not None:
-            seq.grammar.accept(token)
+            try:
+                seq.grammar.accept(token)
+            except Exception as exc:
+                raise StageError("grammar", exc) from exc
         if logprob is not None:
             seq.logprobs.append(logprob)
         if token in request.stop_ids:
@@ -317,10 +396,37 @@ class Engine:
             self._finish(seq, "length")
         return self._delta(seq, [token], logprob)
 
+    def _fail(self, request: Request, stage: str, exc: BaseException) -> list[OutputDelta]:
+        """Ends every unfinished sample of `request` with finish_reason "error" (their blocks freed); their
+        closing deltas carry the message naming the stage."""
+        message = fault_message(stage, exc)
+        log.error("request %s failed: %s", request.request_id, message, exc_info=exc)
+        deltas = []
+        for seq in request.sequences:
+            if not seq.finished:
+                self._end(seq, "error")
+                deltas.append(
+                    OutputDelta(request.request_id, seq.index, [], "", [] if request.params.logprobs is not None else None,
+                                "error", num_cached_tokens=seq.num_prefix_hit_tokens, error=message)
+                )
+        return deltas
+
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.text.finish()  # first: if it raises, the sample is still open for _fail to end
+        self._end(seq, reason, stop_reason)
+
+    def _close(self, seq: Sequence, reason: str) -> list[OutputDelta]:
+        """Ends a sample outside of sampling (an abort, a sequence the cache cannot hold) with its closing delta."""
+        try:
+            self._finish(seq, reason)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+            return self._fail(seq.request, exc.stage if isinstance(exc, StageError) else "output", exc)
+        return [self._delta(seq, [], None)]
+
+    def _end(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Takes the sample out of the scheduler (its blocks freed) and the request out once all its samples ended."""
         if seq.status is not SequenceStatus.FINISHED:
             self.scheduler.remove(seq)
-        seq.text.finish()
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         if seq.request.finished:

@@ -16,9 +16,10 @@ class OutputDelta:
     token_ids: list[int]  # new ids
     text: str  # new text (stop strings and text that may still start one held back)
     logprobs: list[TokenLogprob] | None  # of the new ids, when the request asked for logprobs
-    finish_reason: str | None  # "stop", "length" or "abort" on the sample's last delta
+    finish_reason: str | None  # "stop", "length", "abort" or "error" on the sample's last delta
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the prompt was admitted
+    error: str | None = None  # with finish_reason "error": what failed while handling the request (engine/isolation.py)
 
 
 @dataclass
@@ -29,6 +30,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: str | None = None  # why the sample ended with finish_reason "error"
 
     def add(self, delta: OutputDelta) -> None:
         self.token_ids += delta.token_ids
@@ -37,6 +39,7 @@ class CompletionOutput:
             self.logprobs = (self.logprobs or []) + delta.logprobs
         self.finish_reason = delta.finish_reason
         self.stop_reason = delta.stop_reason
+        self.error = delta.error
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from s1serve.engine.isolation import StageError
 from s1serve.engine.stop_strings import find_stop, open_stop_prefix
 
 
@@ -51,15 +52,30 @@ class TextOutput:
         self._emitted = 0
 
     def append(self, token_id: int) -> str | None:
-        """Adds a token's text; returns the stop string it completed (the text then ends before it), if any."""
+        """Adds a token's text; returns the stop string it completed (the text then ends before it), if any.
+        A failure raises StageError naming the stage ("detokenizer" or "stop")."""
         if self._detokenizer is None:
             return None
-        return self._add(self._detokenizer.feed(token_id))
+        try:
+            piece = self._detokenizer.feed(token_id)
+        except Exception as exc:
+            raise StageError("detokenizer", exc) from exc
+        return self._checked_add(piece)
 
     def finish(self) -> None:
         """The sample ended: adds the detokenizer's pending text, unless a stop string already cut the text."""
         if self._detokenizer is not None and not self._stopped:
-            self._add(self._detokenizer.finish())
+            try:
+                piece = self._detokenizer.finish()
+            except Exception as exc:
+                raise StageError("detokenizer", exc) from exc
+            self._checked_add(piece)
+
+    def _checked_add(self, piece: str) -> str | None:
+        try:
+            return self._add(piece)
+        except Exception as exc:
+            raise StageError("stop", exc) from exc
 
     def _add(self, piece: str) -> str | None:
         before = len(self.text)

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from s1serve.engine.client import EngineClient, EngineDeadError
+from s1serve.engine.faults import FaultPlan
 from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.anthropic.routes import add_messages_routes
 from s1serve.serve.auth import ADMIN_KEY_ENV, RequireKey, api_server_rule, key_from, keys_from
@@ -143,6 +144,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         tool_parser=tools,
         media=media_pipeline(Path(args.model), tokenizer, args),
         request_timeout=args.request_timeout,
+        faults=FaultPlan.from_env(),
     )
     stopping = threading.Event()
     died = threading.Event()

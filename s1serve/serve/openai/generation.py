@@ -1,14 +1,20 @@
-"""Running one engine request: its n choices' engine text turned into parsed choice steps, with metrics."""
+"""Running one engine request: its n choices' engine text turned into parsed choice steps, with metrics.
+
+A request that fails in the engine (its output carries an error, engine/isolation.py) or in its response parser
+fails alone: APIError 500 naming the stage, which the routes answer as a JSON error or a stream's error event.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from s1serve.engine.admission import QueueFullError
 from s1serve.engine.client import EngineDeadError
+from s1serve.engine.isolation import fault_message
 from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
 from s1serve.layers.sampler import TokenLogprob
@@ -16,7 +22,9 @@ from s1serve.sampling_params import InvalidParameterError, SamplingParams
 from s1serve.serve.openai.choice import ChoiceText
 from s1serve.serve.openai.errors import APIError
 from s1serve.serve.openai.prepare import ServingContext, busy_error
-from s1serve.serve.parsers.response import ResponseDelta
+from s1serve.serve.parsers.response import ParsedOutput, ResponseDelta
+
+log = logging.getLogger("s1serve.api_server")
 
 
 @dataclass
@@ -48,6 +56,9 @@ class Generation:
         self.token_ids = [[] for _ in range(n)]
         self.logprobs = [[] for _ in range(n)]
         self.finish_reasons = [None] * n
+        if self.ctx.faults is not None:
+            for choice in self.choices:
+                choice.parser = self.ctx.faults.parser(self.prompt_ids, choice.parser)
 
     async def steps(self) -> AsyncIterator[ChoiceStep]:
         metrics = self.ctx.metrics
@@ -60,6 +71,8 @@ class Generation:
                 i = out.index
                 if self.finish_reasons[i] is not None:
                     continue  # ended by a stop string while the engine still ran it (n > 1)
+                if out.error is not None:
+                    raise APIError(500, out.error)
                 choice = self.choices[i]
                 if out.token_ids and first_token_at is None:
                     first_token_at = time.monotonic()
@@ -67,11 +80,15 @@ class Generation:
                 self.token_ids[i] += out.token_ids
                 self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
                 self.logprobs[i] += out.logprobs or []
-                delta = choice.push(out.text)
-                reason = "stop" if choice.stopped else out.finish_reason
+                try:
+                    delta = choice.push(out.text)
+                    reason = "stop" if choice.stopped else out.finish_reason
+                    if reason is not None:
+                        delta = delta.then(choice.finish())
+                        reason = choice.parser.finish_reason(reason)
+                except Exception as exc:  # noqa: BLE001 - our parser's bug fails this request only
+                    raise parser_failure(exc) from None
                 if reason is not None:
-                    delta = delta.then(choice.finish())
-                    reason = choice.parser.finish_reason(reason)
                     self.finish_reasons[i] = reason
                 yield ChoiceStep(i, delta, out.token_ids, out.logprobs, reason)
                 if all(r is not None for r in self.finish_reasons):
@@ -97,6 +114,18 @@ class Generation:
     async def run(self) -> None:
         async for _ in self.steps():
             pass
+
+    def parsed(self, index: int) -> ParsedOutput:
+        """Choice `index` parsed whole, once the run is over (non-streamed responses)."""
+        try:
+            return self.choices[index].parsed(self.finish_reasons[index])
+        except Exception as exc:  # noqa: BLE001 - our parser's bug fails this request only
+            raise parser_failure(exc) from None
+
+
+def parser_failure(exc: Exception) -> APIError:
+    log.error("a response parser failed", exc_info=exc)
+    return APIError(500, fault_message("parser", exc))
 
 
 async def _within(agen: AsyncIterator[OutputDelta], timeout: float | None) -> AsyncIterator[OutputDelta]:

@@ -9,6 +9,7 @@ from typing import Any
 from s1serve.constraints import Constraint, Limits, StructuredOutputError
 from s1serve.engine.admission import RETRY_AFTER_S, QueueFullError
 from s1serve.engine.client import EngineClient
+from s1serve.engine.faults import FaultPlan
 from s1serve.multimodal.chat import MediaPipeline
 from s1serve.sampling_params import InvalidParameterError, SamplingParams, check_context_length, check_token_ids
 from s1serve.serve.openai.errors import APIError
@@ -32,6 +33,7 @@ class ServingContext:
     tool_parser: type[ToolCallParser] | None
     media: MediaPipeline | None = None  # None: the checkpoint takes text only
     request_timeout: float | None = None  # --request-timeout: seconds an engine request may take (None: no limit)
+    faults: FaultPlan | None = None  # test-only fault injection (engine/faults.py)
 
     def token_id(self, text: str) -> int:
         ids = self.tokenizer.encode(text)

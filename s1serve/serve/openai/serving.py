@@ -113,7 +113,7 @@ class ChatServing:
     async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         ctx = self.ctx
         prepared = await self.prepare(req)
-        gen, choices, reasoning_ids = prepared.gen, prepared.gen.choices, prepared.reasoning_ids
+        gen, reasoning_ids = prepared.gen, prepared.reasoning_ids
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self._stream(gen, include_usage, reasoning_ids, req.logprobs, req.return_token_ids)
@@ -121,8 +121,8 @@ class ChatServing:
         with ctx.metrics.counted("chat"):
             await gen.run()
         body_choices = []
-        for i, choice in enumerate(choices):
-            parsed = choice.parsed(gen.finish_reasons[i])
+        for i in range(len(gen.choices)):
+            parsed = gen.parsed(i)
             # reasoning_content is always present (null without reasoning), so that clients may read it.
             message: dict[str, Any] = {"role": "assistant", "content": parsed.content, "reasoning_content": parsed.reasoning_content}
             if parsed.tool_calls:
