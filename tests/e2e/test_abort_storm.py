@@ -4,9 +4,8 @@ not, some in prefill of a long prompt, some under a json_schema constraint, some
 threads and file descriptors are back to what they were before the storm, and a fresh greedy request gives the ids
 it gave before.
 
-Non-streamed requests are aborted when their client disconnects only with the request-lifecycle work (branch
-h14-lifecycle); without it they run to max_tokens, so their max_tokens is kept small and the gauge is awaited
-(bounded) rather than read once.
+A non-streamed request is aborted when its client disconnects (serve/disconnect.py), so it asks for as many tokens
+as a streamed one; the gauge is still awaited (bounded), since an abort lands within a step, not at once.
 """
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ import pytest
 from e2e.conftest import start_api_server, stop
 from e2e.test_fault_isolation import kv_free
 
-# The issue asks for 1000; on the shared 2-core CI box (load average ~14 while measuring) a wave of 50 took
-# 8-30 s, so the storm is 300 requests (6 waves) to stay within a few minutes.
-REQUESTS, WAVE = 300, 50
+# The issue asks for 1000 (run by hand: S1SERVE_ABORT_STORM_REQUESTS=1000, figures in docs/reliability.md); the
+# suite runs 300 (6 waves of 50) to stay within a few minutes on the 2-core CI box.
+REQUESTS, WAVE = int(os.environ.get("S1SERVE_ABORT_STORM_REQUESTS", "300")), 50
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name"]}
 FRESH = {"model": "m", "prompt": [1000 + 7 * i for i in range(20)], "max_tokens": 16, "temperature": 0,
          "ignore_eos": True, "return_token_ids": True}
@@ -58,7 +57,7 @@ def resources(pid: int) -> tuple[int, int]:
 def storm_request(rng: random.Random) -> tuple[str, dict, float | int]:
     """(how it is aborted, body, when): "stream" stops reading after `when` chunks, "post" gives up after `when` s."""
     stream = rng.random() < 0.5
-    body: dict = {"model": "m", "stream": stream, "ignore_eos": True, "max_tokens": 400 if stream else 24}
+    body: dict = {"model": "m", "stream": stream, "ignore_eos": True, "max_tokens": 400}
     shape = rng.choice(["short", "long", "schema", "n"])
     if shape == "long":  # aborted while its prompt is still being prefilled (~1000 tokens, 512 per step)
         body["messages"] = [{"role": "user", "content": " ".join(f"w{rng.randrange(10**6)}" for _ in range(150))}]
@@ -112,4 +111,4 @@ def test_a_storm_of_aborted_requests_leaves_nothing_behind(server) -> None:
             assert again == fresh
         print(f"{REQUESTS} aborted requests in {time.monotonic() - started:.1f} s; threads, fds {before} -> {after}")
 
-    asyncio.run(asyncio.wait_for(run(), 400))
+    asyncio.run(asyncio.wait_for(run(), max(400, 1.2 * REQUESTS)))
