@@ -24,7 +24,8 @@ from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.anthropic.errors import error_response as anthropic_error_response
 from s1serve.serve.anthropic.routes import add_messages_routes
 from s1serve.serve.body_limit import BodySizeLimit
-from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
+from s1serve.serve.json_body import CheckJSONBody
+from s1serve.serve.openai.errors import APIError, error_response
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
     ChatCompletionRequest,
@@ -37,10 +38,10 @@ from s1serve.serve.openai.protocol import (
 from s1serve.serve.openai.arguments import media_pipeline
 from s1serve.serve.openai.prepare import ServingContext, render_chat_prompt
 from s1serve.serve.openai.serving import ChatServing, CompletionServing
-from s1serve.serve.openai.unicode_check import RejectLoneSurrogates
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import advertised_url, proxy_membership
 from s1serve.serve.responses.routes import add_responses_routes
+from s1serve.serve.route_errors import install_error_handling
 from s1serve.tokenizer import Tokenizer
 
 log = logging.getLogger("s1serve.api_server")
@@ -48,7 +49,7 @@ log = logging.getLogger("s1serve.api_server")
 
 def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any = None) -> FastAPI:
     app = FastAPI(title="s1serve", description="OpenAI-compatible API for Intern-S1-Pro", lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handling(app)
     chat, completions = ChatServing(ctx), CompletionServing(ctx)
 
     @app.middleware("http")
@@ -123,6 +124,11 @@ def build_app(ctx: ServingContext, api_keys: tuple[str, ...] = (), lifespan: Any
     return app
 
 
+def post_paths(app: FastAPI) -> frozenset[str]:
+    """The routes that take a JSON body (all POST routes of the api_server)."""
+    return frozenset(r.path for r in app.routes if "POST" in (getattr(r, "methods", None) or ()))
+
+
 def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namespace, port: int,
                exit_grace_s: float | None = None, sock: socket.socket | None = None) -> int:
     """Serves `engine` on `port` with the api_server flags in `args` until interrupted; stops the engine after.
@@ -164,7 +170,7 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
 
     app = build_app(ctx, tuple(args.api_keys), lifespan)
     server = uvicorn.Server(
-        uvicorn.Config(BodySizeLimit(RejectLoneSurrogates(app), args.max_request_body_bytes), host=args.server_name, port=port, log_level=args.log_level)
+        uvicorn.Config(BodySizeLimit(CheckJSONBody(app, post_paths(app)), args.max_request_body_bytes), host=args.server_name, port=port, log_level=args.log_level)
     )
 
     def exit_soon(error: BaseException) -> None:
