@@ -60,9 +60,10 @@ def _check_tree(body: dict, surrogates: bool) -> None:
             raise BodyError(400, f"{path}: JSON nested deeper than {MAX_DEPTH} levels", path)
         if isinstance(value, dict):
             for key, item in value.items():
+                if surrogates and _LONE.search(key):  # the key cannot be echoed: name the object that holds it
+                    where = path or "body"
+                    raise BodyError(400, f"{where}: a key holds an unpaired UTF-16 surrogate escape", where)
                 where = f"{path}.{key}" if path else str(key)
-                if surrogates and _LONE.search(key):
-                    raise BodyError(400, f"{where}: the key holds an unpaired UTF-16 surrogate escape", where)
                 if isinstance(item, (dict, list)) or (surrogates and isinstance(item, str)):
                     stack.append((item, where, depth + 1))
         else:
