@@ -27,7 +27,7 @@ REQUEST_TIMEOUT_S = 60.0
 SCALE = float(os.environ.get("S1SERVE_FUZZ_SCALE", "1"))
 # Examples per operation and mode. Routes that generate text get fewer: each valid one decodes a few tokens.
 GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
-EXAMPLES = {("generating", "positive"): 50, ("generating", "negative"): 150, ("other", "positive"): 150, ("other", "negative"): 150}
+EXAMPLES = {("generating", "positive"): 50, ("generating", "negative"): 250, ("other", "positive"): 150, ("other", "negative"): 250}
 # Valid requests are made cheap: at most this many tokens and choices each (the server's own bound, the context
 # left by --max-model-len, would still hold without it, but decoding 100 choices of 100 tokens takes minutes).
 TOKEN_FIELDS = {
