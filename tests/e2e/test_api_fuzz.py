@@ -67,7 +67,7 @@ def _cheap(path: str, body: object) -> object:
         elif isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
             body[field] = MAX_TOKENS
     n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_N:
+    if isinstance(n, int) and not isinstance(n, bool) and MAX_N < n <= 128:  # above 128 stays: a 400 to check
         body["n"] = MAX_N
     return body
 
