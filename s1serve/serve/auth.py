@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from fastapi.responses import JSONResponse
 
-from s1serve.serve.route_errors import error_for
+from s1serve.serve.route_errors import error_for_route
 
 KEY_HEADERS = ("authorization", "x-api-key")  # the headers that carry a client's credentials (never forwarded)
 # Environment variables read when the flag is not given.
@@ -125,7 +125,8 @@ def presented_keys(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
 
 def refusal_response(path: str, status: int, message: str) -> JSONResponse:
     """401/403 in the shape of the route's API."""
-    return error_for(path, status, message, kind="authentication_error" if status == 401 else "permission_error")
+    kind = "authentication_error" if status == 401 else "permission_error"
+    return error_for_route(path, status, message, kind=kind)
 
 
 class RequireKey:

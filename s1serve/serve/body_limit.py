@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from s1serve.serve.openai.errors import error_response
+from s1serve.serve.route_errors import error_for_route
 
 
 class BodySizeLimit:
@@ -39,5 +39,5 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        response = error_response(413, f"request body is larger than --max-request-body-bytes ({self.limit} bytes)")
+        response = error_for_route(scope.get("path", ""), 413, f"request body is larger than --max-request-body-bytes ({self.limit} bytes)")
         await response(scope, receive, send)

@@ -7,7 +7,7 @@ error shape (the server's other routes answer in OpenAI's).
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,6 +39,22 @@ async def _body(request: Request, model: type[BaseModel]) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as exc:
         raise APIError(400, validation_message(exc)) from None
+
+
+def _openapi_body(model: type[BaseModel]) -> dict:
+    """The OpenAPI requestBody of a route that reads its body itself: `model`'s JSON Schema, its $defs inlined
+    (the models hold no recursive types), so that the schema documents the route and fuzzers can reach it."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 class MessagesServing:
@@ -80,14 +96,14 @@ class MessagesServing:
 def add_messages_routes(app: FastAPI, chat: ChatServing) -> None:
     serving = MessagesServing(chat)
 
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", openapi_extra=_openapi_body(MessagesRequest))
     async def create_message(request: Request) -> Response:
         try:
             return await serving.create(await _body(request, MessagesRequest))
         except APIError as exc:
             return error_response(exc.status, exc.message, exc.headers)
 
-    @app.post("/v1/messages/count_tokens")
+    @app.post("/v1/messages/count_tokens", openapi_extra=_openapi_body(CountTokensRequest))
     async def count_tokens(request: Request) -> Response:
         try:
             return await serving.count_tokens(await _body(request, CountTokensRequest))

@@ -30,7 +30,8 @@ from s1serve.serve.body_limit import BodySizeLimit
 from s1serve.serve.cors import CorsSettings, with_cors
 from s1serve.serve.disconnect import CancelOnDisconnect
 from s1serve.serve.drain import DrainGate, DrainingServer
-from s1serve.serve.openai.errors import APIError, error_response, install_error_handlers
+from s1serve.serve.json_body import CheckJSONBody
+from s1serve.serve.openai.errors import APIError, error_response
 from s1serve.serve.openai.metrics import ServerMetrics
 from s1serve.serve.openai.protocol import (
     ChatCompletionRequest,
@@ -43,11 +44,10 @@ from s1serve.serve.openai.protocol import (
 from s1serve.serve.openai.arguments import DEFAULT_ENGINE_STEP_TIMEOUT_S, media_pipeline
 from s1serve.serve.openai.prepare import ServingContext, render_chat_prompt
 from s1serve.serve.openai.serving import ChatServing, CompletionServing
-from s1serve.serve.openai.unicode_check import RejectLoneSurrogates
 from s1serve.serve.parsers.registry import get_reasoning_parser, get_tool_call_parser
 from s1serve.serve.proxy.registration import Membership, advertised_url, proxy_membership
 from s1serve.serve.responses.routes import add_responses_routes
-from s1serve.serve.route_errors import error_for
+from s1serve.serve.route_errors import error_for_route, install_error_handling
 from s1serve.tokenizer import Tokenizer
 
 DRAINING = "the server is shutting down: it takes no new requests while those in flight finish"
@@ -58,7 +58,7 @@ def build_app(ctx: ServingContext, lifespan: Any = None,
               engine_step_timeout: float = DEFAULT_ENGINE_STEP_TIMEOUT_S) -> FastAPI:
     """The routes; API keys, CORS, body limit and drain wrap it in serve_http."""
     app = FastAPI(title="s1serve", description="OpenAI-compatible API for Intern-S1-Pro", lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handling(app)
     chat, completions = ChatServing(ctx), CompletionServing(ctx)
 
     @app.get("/health")
@@ -122,6 +122,11 @@ def build_app(ctx: ServingContext, lifespan: Any = None,
     return app
 
 
+def post_paths(app: FastAPI) -> frozenset[str]:
+    """The routes that take a JSON body (all POST routes of the api_server)."""
+    return frozenset(r.path for r in app.routes if "POST" in (getattr(r, "methods", None) or ()))
+
+
 def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namespace, port: int,
                exit_grace_s: float | None = None, sock: socket.socket | None = None) -> int:
     """Serves `engine` on `port` with the api_server flags in `args` until interrupted; stops the engine after.
@@ -170,12 +175,12 @@ def serve_http(engine: EngineClient, tokenizer: Tokenizer, args: argparse.Namesp
         for membership in memberships:
             await membership.leave()
 
-    app: Any = CancelOnDisconnect(BodySizeLimit(RejectLoneSurrogates(build_app(ctx, lifespan, args.engine_step_timeout)),
-                                                args.max_request_body_bytes))
+    routes = build_app(ctx, lifespan, args.engine_step_timeout)
+    app: Any = CancelOnDisconnect(BodySizeLimit(CheckJSONBody(routes, post_paths(routes)), args.max_request_body_bytes))
     rule = api_server_rule(keys_from(args.api_keys), args.metrics_public)
     if rule is not None:
         app = RequireKey(app, rule)  # before the body is read
-    gate = DrainGate(with_cors(app, CorsSettings.from_args(args)), lambda path: error_for(path, 503, DRAINING))
+    gate = DrainGate(with_cors(app, CorsSettings.from_args(args)), lambda path: error_for_route(path, 503, DRAINING))
     config = uvicorn.Config(gate, host=args.server_name, port=port, log_level=args.log_level)
     # Past the grace period the requests still running get their error: the engine client is closed.
     server = DrainingServer(config, gate, args.shutdown_timeout, on_drain=leave_proxy, on_timeout=engine.close)

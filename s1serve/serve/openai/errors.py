@@ -1,26 +1,23 @@
 """Errors in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
 
 FastAPI answers validation problems with 422 and its own body; OpenAI clients expect 400 and this shape, so the
-handlers here rewrite them (as LMDeploy and vLLM do).
+handlers (s1serve/serve/route_errors.py) rewrite them (as LMDeploy and vLLM do).
 """
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 
-from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("s1serve.api_server")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
@@ -55,7 +52,7 @@ def error_response(
     return JSONResponse(error_body(status, message, param, kind), status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
@@ -64,25 +61,3 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
     return f"{field}: {msg}{more}", field
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = _validation_message(exc)
-        return error_response(400, message, field)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        # Our own bug: still JSON in the OpenAI shape, so the client's connection stays usable.
-        log.exception("unhandled error on %s", request.url.path)
-        text = f"internal error ({type(exc).__name__}): {exc}".encode("utf-8", "replace").decode("utf-8")
-        return error_response(500, text)
