@@ -86,6 +86,7 @@ class AsyncEngine(ClientSide):
 
     def check_admission(self) -> None:
         self.engine.admission.check_open(len(self._streams))
+
     def running_step(self) -> RunningStep | None:
         return self._clock.running()
 

@@ -116,6 +116,7 @@ class EngineProcessClient(ClientSide):
 
     def check_admission(self) -> None:
         self.admission.check_open(len(self._streams))
+
     def running_step(self) -> RunningStep | None:
         return self._clock.running()
 
