@@ -19,11 +19,12 @@ import queue
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from s1serve.engine.admission import QueueFullError
 from s1serve.engine.client import EngineDeadError
-from s1serve.engine.client_side import ClientSide
+from s1serve.engine.client_side import STREAM_END, ClientSide
 from s1serve.engine.engine import Engine, EngineStats
 from s1serve.engine.media import MediaInput
 from s1serve.engine.outputs import OutputDelta
@@ -34,7 +35,6 @@ from s1serve.sampling_params import SamplingParams
 DEAD_JOIN_S = 2.0  # how long shutdown waits for the thread of a dead engine (it may be stuck in a collective)
 
 
-_DONE = object()  # end of a request's stream
 
 
 class AsyncEngine(ClientSide):
@@ -60,29 +60,14 @@ class AsyncEngine(ClientSide):
         prompt_ids = list(prompt_ids)
         media = tuple(media)
         self.engine.check_request(prompt_ids, params, media)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_admission()
-        loop = self._join_loop()
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (stream, loop)
-        self._commands.put(("add", request_id, prompt_ids, params, media, loop))
-        finished = False
-        try:
-            self._check_alive()  # after registering: a death from now on reaches this stream
-            while True:
-                item = await stream.get()
-                if item is _DONE:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-        finally:
-            del self._streams[request_id]
-            if not finished:
-                self._commands.put(("abort", request_id))
+
+        def submit(loop: asyncio.AbstractEventLoop) -> None:
+            self._commands.put(("add", request_id, prompt_ids, params, media, loop))
+
+        # closed with this generator, so that leaving early aborts the request now, not when collected
+        async with aclosing(self._request_stream(request_id, request_id, submit, lambda: self.abort(request_id))) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def check_admission(self) -> None:
         self.engine.admission.check_open(len(self._streams))
@@ -178,14 +163,14 @@ class AsyncEngine(ClientSide):
             by_request[delta.request_id].append(delta)
         for request_id, items in by_request.items():
             if request_id not in self.engine.requests:
-                items.append(_DONE)
+                items.append(STREAM_END)
             self._publish_to(request_id, items)
 
     def _publish_to(self, request_id: str, items: list[Any]) -> None:
         loop = self._loops.get(request_id)
         if loop is None:
             return
-        if items[-1] is _DONE or isinstance(items[-1], BaseException):
+        if items[-1] is STREAM_END or isinstance(items[-1], BaseException):
             del self._loops[request_id]
         loop.call_soon_threadsafe(self._deliver, request_id, items)
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from s1serve.engine.client import EngineDeadError
 from s1serve.engine.failure import FailureSignal
+from s1serve.engine.outputs import OutputDelta
+
+STREAM_END = object()  # put on a request's stream after its last delta
 
 
 class ClientSide:
@@ -49,6 +52,39 @@ class ClientSide:
             except RuntimeError:  # that loop has closed: nothing of it waits
                 pass
         return True
+
+    def check_admission(self) -> None:
+        """QueueFullError when this client's open requests already fill the engine's admission limits."""
+        raise NotImplementedError
+
+    async def _request_stream(self, key: str, request_id: str, submit: Callable[[asyncio.AbstractEventLoop], None],
+                              cancel: Callable[[], None]) -> AsyncIterator[OutputDelta]:
+        """A request's deltas: its stream is registered under `key`, `submit(loop)` sends it to the engine, and the
+        stream is read until STREAM_END or an error. The engine's death reaches it from the moment it is
+        registered; a stream left early calls `cancel` (the engine aborts the request and frees its blocks)."""
+        if key in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_admission()
+        loop = self._join_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[key] = (stream, loop)
+        finished = False
+        try:
+            submit(loop)
+            self._check_alive()  # after registering: a death from now on reaches this stream
+            while True:
+                item = await stream.get()
+                if item is STREAM_END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            del self._streams[key]
+            if not finished and not self.errored:
+                cancel()
 
     def _check_alive(self) -> None:
         error = self._death.failure

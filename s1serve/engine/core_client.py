@@ -21,13 +21,14 @@ import threading
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import zmq
 
 from s1serve.engine.admission import Admission, QueueFullError
 from s1serve.engine.client import EngineDeadError
-from s1serve.engine.client_side import ClientSide
+from s1serve.engine.client_side import STREAM_END, ClientSide
 from s1serve.engine.core import HELLO, EngineAddresses, decode, encode
 from s1serve.engine.engine import EngineStats
 from s1serve.engine.media import MediaInput
@@ -40,7 +41,6 @@ HELLO_EVERY_MS = 500  # the handshake is repeated until the engine (still loadin
 
 log = logging.getLogger("s1serve.engine_client")
 
-_DONE = object()  # end of a request's stream
 
 
 class EngineProcessClient(ClientSide):
@@ -90,29 +90,14 @@ class EngineProcessClient(ClientSide):
         fields = {"media": tuple(media)} if media else {}
         self._check_alive()
         key = self._prefix + request_id
-        if key in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_admission()
-        loop = self._join_loop()
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[key] = (stream, loop)
-        finished = False
-        try:
+
+        def submit(_: asyncio.AbstractEventLoop) -> None:
             self._send(("add", self._identity, key, list(prompt_ids), params, fields))
-            self._check_alive()  # after registering: a death from now on reaches this stream
-            while True:
-                item = await stream.get()
-                if item is _DONE:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-        finally:
-            del self._streams[key]
-            if not finished and not self.errored:
-                self._send(("abort", key))
+
+        # closed with this generator, so that leaving early aborts the request now, not when collected
+        async with aclosing(self._request_stream(key, request_id, submit, lambda: self._send(("abort", key)))) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def check_admission(self) -> None:
         self.admission.check_open(len(self._streams))
@@ -198,7 +183,7 @@ class EngineProcessClient(ClientSide):
             for request_id, deltas, done in message[1]:
                 entry = self._streams.get(request_id)
                 if entry is not None:
-                    by_loop[entry[1]].append((entry[0], deltas + [_DONE] if done else deltas))
+                    by_loop[entry[1]].append((entry[0], deltas + [STREAM_END] if done else deltas))
             for loop, batch in by_loop.items():
                 loop.call_soon_threadsafe(_deliver, batch)
         elif kind == "error":
