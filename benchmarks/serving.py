@@ -33,7 +33,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import signal
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Union
 
 import aiohttp
+from machine import describe_machine
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = Path(os.environ.get("S1SERVE_CACHE", Path.home() / ".cache" / "s1serve")) / "bench-qwen3_moe-seed0"
@@ -321,18 +321,6 @@ class Offline:
 # --------------------------------------------------------------------------------------------------- reporting
 
 
-def machine() -> str:
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{name}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, load average {os.getloadavg()[0]:.1f}"
-
-
 def commit() -> str:
     """The checked-out s1serve commit (what the s1serve preset and --offline run)."""
     try:
@@ -460,7 +448,7 @@ def plot(rows: list[dict], sides: list[str], title: str, path: Path) -> None:
 
 
 def write_json(path: Path, args: argparse.Namespace, versions: dict, rows: list[dict]) -> None:
-    path.write_text(json.dumps({"machine": machine(), "s1serve_checkout": commit(), "versions": versions,
+    path.write_text(json.dumps({"machine": describe_machine(), "s1serve_checkout": commit(), "versions": versions,
                                 "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 
 
@@ -528,7 +516,7 @@ def main() -> None:
     prompts = [make_prompts(args.prompt_kind, load.requests, args.input_len, args.seed + 1 + i)
                for i, load in enumerate(loads)]
     warmup = make_prompts(args.prompt_kind, 2, args.input_len, args.seed + 10_000)
-    print(f"machine: {machine()}", flush=True)
+    print(f"machine: {describe_machine()}", flush=True)
 
     rows: list[dict] = []
     versions: dict[str, str | None] = {}
@@ -587,9 +575,9 @@ def main() -> None:
     print_batch1(rows, [n for n in names if n != OFFLINE])
     print("versions: " + "; ".join(f"{n}: {versions.get(n) or 'no /version'}" for n in names)
           + f"; s1serve checkout {commit()}")
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     if args.plot and rows:
-        plot(rows, names, f"{args.input_len} in / {args.output_len} out, greedy, streamed; {machine()}", args.plot)
+        plot(rows, names, f"{args.input_len} in / {args.output_len} out, greedy, streamed; {describe_machine()}", args.plot)
         print(f"plot: {args.plot}")
 
 

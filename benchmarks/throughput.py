@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from machine import describe_machine  # noqa: E402
 
 from s1serve import LLM, SamplingParams  # noqa: E402
 from s1serve.checkpoint.tiny import write_tiny_checkpoint  # noqa: E402
@@ -120,18 +121,7 @@ def decode_bytes_per_token(model: torch.nn.Module) -> int:
 
 
 def machine() -> str:
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{name}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), load average at start {os.getloadavg()[0]:.1f}"
-    )
+    return f"{describe_machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def run_s1serve(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int) -> tuple[float, list[list[int]]]:
