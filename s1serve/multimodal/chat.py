@@ -7,12 +7,12 @@ Used alike by the HTTP server and the offline `LLM.chat`, so that both give the 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from s1serve.errors import ConfigError
+from s1serve.multimodal.config import per_kind_flag
 from s1serve.multimodal.errors import MediaError
 from s1serve.multimodal.fetch import FetchPolicy, MediaFetcher
 from s1serve.multimodal.processor import MediaKind, MediaOptions, MultimodalProcessor, ProcessedPrompt, parse_media_io_kwargs
@@ -69,14 +69,7 @@ def extract_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str,
 
 def parse_limit_mm_per_prompt(value: str | Mapping[str, Any] | None) -> dict[str, int]:
     """`--limit-mm-per-prompt '{"image": 4, "video": 1}'` -> most items of each kind in one prompt."""
-    if value is None:
-        return {}
-    try:
-        data = json.loads(value) if isinstance(value, str) else dict(value)
-    except ValueError as e:
-        raise ConfigError(f"--limit-mm-per-prompt: not JSON ({e})") from e
-    if not isinstance(data, dict) or set(data) - {"image", "video"}:
-        raise ConfigError(f"--limit-mm-per-prompt: expected an object with keys 'image' and/or 'video', got {data!r}")
+    data = per_kind_flag("--limit-mm-per-prompt", value)
     for kind, limit in data.items():
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ConfigError(f"--limit-mm-per-prompt: {kind} must be an integer >= 0, got {limit!r}")

@@ -99,3 +99,16 @@ def load_media_processing_config(model_dir: str | os.PathLike[str]) -> MediaProc
             _read(folder, "video_preprocessor_config.json"), _VIDEO_DEFAULT_PIXELS, "video_preprocessor_config.json"
         ),
     )
+
+
+def per_kind_flag(flag: str, value: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """A flag whose value is a JSON object keyed by media kind ('image' and/or 'video'); {} when not given."""
+    if value is None:
+        return {}
+    try:
+        data = json.loads(value) if isinstance(value, str) else dict(value)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: not JSON ({e})") from e
+    if not isinstance(data, dict) or set(data) - {"image", "video"}:
+        raise ConfigError(f"{flag}: expected an object with keys 'image' and/or 'video', got {data!r}")
+    return data

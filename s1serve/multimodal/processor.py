@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from s1serve.errors import ConfigError
-from s1serve.multimodal.config import MediaProcessingConfig, load_media_processing_config
+from s1serve.multimodal.config import MediaProcessingConfig, load_media_processing_config, per_kind_flag
 from s1serve.multimodal.errors import MediaError
 from s1serve.multimodal.image import ImageLimits, VisualPatches, decode_image, process_image
 from s1serve.multimodal.video import ProcessedVideo, VideoLimits, VideoSampling, decode_video, video_prompt
@@ -96,14 +96,7 @@ def parse_media_io_kwargs(value: str | Mapping[str, Any] | None) -> dict[str, An
     """`--media-io-kwargs` JSON -> MediaOptions fields. As in vLLM's video loader, `num_frames` caps the frames
     sampled and `fps` is the sampling rate: `{"video": {"num_frames": 768, "fps": 2}}` (the deployment guide's
     values) is the reference processor's default sampling."""
-    if value is None:
-        return {}
-    try:
-        data = json.loads(value) if isinstance(value, str) else dict(value)
-    except ValueError as e:
-        raise ConfigError(f"--media-io-kwargs: not JSON ({e})") from e
-    if not isinstance(data, dict) or set(data) - {"image", "video"}:
-        raise ConfigError(f"--media-io-kwargs: expected an object with keys 'image' and/or 'video', got {data!r}")
+    data = per_kind_flag("--media-io-kwargs", value)
     if data.get("image"):
         raise ConfigError(f"--media-io-kwargs: no image options are supported, got {data['image']!r}")
     video = data.get("video") or {}
