@@ -110,8 +110,8 @@ def body_is_stream(kind: str) -> bool:
     return kind in ("chat_stream", "completion_n2")
 
 
-def process_tree_rss_mib(root: int) -> float:
-    """Resident memory of `root` and its descendants, from /proc."""
+def process_tree_rss_mib(root: int) -> dict[int, float]:
+    """Resident memory of `root` and of each of its descendants, from /proc, by pid."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -121,17 +121,17 @@ def process_tree_rss_mib(root: int) -> float:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             children.setdefault(ppid, []).append(int(entry))
-    total_kib, todo = 0, [root]
+    rss, todo = {}, [root]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total_kib += int(line.split()[1])
+                    rss[pid] = int(line.split()[1]) / 1024
         except OSError:
             pass
-    return total_kib / 1024
+    return rss
 
 
 def gauges(text: str) -> dict[str, float]:
@@ -161,7 +161,9 @@ async def sample(client: httpx.AsyncClient, server_pid: int | None, start: float
         metrics = gauges((await client.get("/metrics")).text)
         row = {"t": time.monotonic() - start, **metrics}
         if server_pid is not None:
-            row["rss_mib"] = process_tree_rss_mib(server_pid)
+            rss = process_tree_rss_mib(server_pid)
+            row["rss_mib"] = sum(rss.values())
+            row["rss_api_server_mib"] = rss.get(server_pid, 0.0)  # the rest is the engine process
         samples.append(row)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         try:
@@ -200,7 +202,7 @@ def report(sent: int, tally: Tally, samples: list[dict]) -> int:
         print(f"  {kind:14s} {outcome:45s} {count}")
     accounted = sum(tally.outcomes.values())
     half = samples[len(samples) // 2:]
-    for key in ("rss_mib", "s1serve_kv_cache_usage_ratio"):
+    for key in ("rss_mib", "rss_api_server_mib", "s1serve_kv_cache_usage_ratio"):
         points = [(s["t"], s[key]) for s in half if key in s]
         if points:
             print(f"{key}: first {samples[0].get(key, float('nan')):.3f}, last {samples[-1][key]:.3f}, "

@@ -43,6 +43,10 @@ class BlockRun:
     def usage(self) -> dict:
         return self.prepared.usage()
 
+    async def start(self) -> None:
+        """Sends the request and waits for its first output, before a streamed response begins (Generation.start)."""
+        await self.prepared.gen.start()
+
     async def events(self) -> AsyncIterator[BlockEvent]:
         gen = self.prepared.gen
         async with aclosing(gen.steps()) as steps:

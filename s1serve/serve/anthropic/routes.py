@@ -66,6 +66,8 @@ class MessagesServing:
         run = await prepare(self.chat, translation.chat, translation.reasoning_budget)
         renderer = MessageRenderer(random_id("msg_"), self.chat.ctx.model_name)
         if req.stream:
+            with self.chat.ctx.metrics.counted_if_failed("messages"):
+                await run.start()
             return StreamingResponse(self._stream(run, renderer), media_type="text/event-stream")
         with self.chat.ctx.metrics.counted("messages"):
             await run.run()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import aclosing
-from typing import AsyncIterator, Protocol, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -16,12 +16,33 @@ class Runnable(Protocol):
 async def run_all(runs: Sequence[Runnable]) -> None:
     """Runs them all at once; the first failure cancels the others (closing their engine requests) and is raised
     as it is (not wrapped in an ExceptionGroup)."""
-    if len(runs) == 1:
-        return await runs[0].run()
+    await _all([run.run for run in runs])
+
+
+class Startable(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def start_all(runs: Sequence[Startable]) -> None:
+    """Starts them all at once (each until its first output), as `run_all` runs them; after a failure every one
+    is closed, so none is left running in the engine."""
+    try:
+        await _all([run.start for run in runs])
+    except BaseException:
+        for run in runs:
+            await run.close()
+        raise
+
+
+async def _all(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    if len(calls) == 1:
+        return await calls[0]()
     try:
         async with asyncio.TaskGroup() as group:
-            for run in runs:
-                group.create_task(run.run())
+            for call in calls:
+                group.create_task(call())
     except BaseExceptionGroup as group_error:
         raise group_error.exceptions[0] from None
 
@@ -61,3 +82,4 @@ async def merge(iterators: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+

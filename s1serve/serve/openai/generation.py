@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -50,6 +51,7 @@ class Generation:
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache, as the engine reports them
+    _started: tuple[ChoiceStep, AsyncIterator[ChoiceStep]] | None = None  # start()'s first step and the rest
 
     def __post_init__(self) -> None:
         n = len(self.choices)
@@ -60,7 +62,35 @@ class Generation:
             for choice in self.choices:
                 choice.parser = self.ctx.faults.parser(self.prompt_ids, choice.parser)
 
+    async def start(self) -> None:
+        """Sends the request and waits for its first step. A streamed response calls this before it begins, so
+        that a refusal (429), an invalid prompt (400) or a timeout before the first token is its HTTP status, not
+        an error event in a stream already answered 200."""
+        steps = self._steps()
+        try:
+            self._started = (await anext(steps), steps)
+        except BaseException:
+            await steps.aclose()  # aborts the engine request if it was sent
+            raise
+
+    async def close(self) -> None:
+        """Ends a started request that will not be read (the engine aborts it)."""
+        if self._started is not None:
+            _, steps = self._started
+            self._started = None
+            await steps.aclose()
+
     async def steps(self) -> AsyncIterator[ChoiceStep]:
+        """The request's steps (after start(), its first step and then the rest)."""
+        first, steps = self._started if self._started is not None else (None, self._steps())
+        self._started = None
+        async with aclosing(steps):
+            if first is not None:
+                yield first
+            async for step in steps:
+                yield step
+
+    async def _steps(self) -> AsyncIterator[ChoiceStep]:
         metrics = self.ctx.metrics
         start = time.monotonic()
         first_token_at = None

@@ -76,14 +76,21 @@ class ServerMetrics:
         outcome = Outcome()
         try:
             yield outcome
-        except ABORTED:
-            outcome.value = "abort"
-            raise
-        except BaseException:
-            outcome.value = "error"
+        except BaseException as exc:
+            outcome.value = "abort" if isinstance(exc, ABORTED) else "error"
             raise
         finally:
             self.requests.labels(endpoint, outcome.value).inc()
+
+    @contextmanager
+    def counted_if_failed(self, endpoint: str) -> Iterator[None]:
+        """Counts one request of `endpoint` only if the block raises, as `counted` would: the start of a streamed
+        request, whose stream counts it once begun."""
+        try:
+            yield
+        except BaseException as exc:
+            self.requests.labels(endpoint, "abort" if isinstance(exc, ABORTED) else "error").inc()
+            raise
 
     def observe_engine(self, stats: EngineStats) -> None:
         """Engine gauges, read at scrape time."""

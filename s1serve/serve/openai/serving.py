@@ -21,7 +21,7 @@ from s1serve.sampling_params import InvalidParameterError, check_token_ids
 from s1serve.serve.openai import render
 from s1serve.serve.openai.choice import ChoiceText
 from s1serve.serve.openai.errors import APIError
-from s1serve.serve.openai.concurrent import merge, run_all
+from s1serve.serve.openai.concurrent import merge, run_all, start_all
 from s1serve.serve.openai.generation import Generation
 from s1serve.serve.openai.media import media_parts, process_media
 from s1serve.serve.openai.prepare import (
@@ -115,6 +115,8 @@ class ChatServing:
         prepared = await self.prepare(req)
         gen, reasoning_ids = prepared.gen, prepared.reasoning_ids
         if req.stream:
+            with ctx.metrics.counted_if_failed("chat"):
+                await gen.start()
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self._stream(gen, include_usage, reasoning_ids, req.logprobs, req.return_token_ids)
             return StreamingResponse(stream, media_type="text/event-stream")
@@ -238,6 +240,8 @@ class CompletionServing:
             choices = [ChoiceText.create(ResponseParser(), req.stop, req.include_stop_str_in_output) for _ in range(req.n)]
             gens.append(Generation(ctx, f"{request_id}-{p}", ids, params, choices))
         if req.stream:
+            with ctx.metrics.counted_if_failed("completions"):
+                await start_all(gens)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(request_id, gens, include_usage, req), media_type="text/event-stream")
         with ctx.metrics.counted("completions"):

@@ -54,6 +54,8 @@ class ResponsesServing:
         renderer = ResponseRenderer(req, random_id("resp_"), self.chat.ctx.model_name)
         metrics = self.chat.ctx.metrics
         if req.stream:
+            with metrics.counted_if_failed("responses"):
+                await run.start()
             return StreamingResponse(self._stream(req, translation, run, renderer), media_type="text/event-stream")
         with metrics.counted("responses"):
             await run.run()
