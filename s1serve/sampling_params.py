@@ -81,6 +81,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob (after the first) and top k
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     constraint: Constraint | None = None  # a grammar the output must follow (tool_choice, response_format)
@@ -125,8 +126,10 @@ class SamplingParams:
             raise bad("stop", f"must be non-empty strings, got {list(self.stop)!r}")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", f"must be token ids >= 0, got {list(self.stop_token_ids)!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         for token, value in self.logit_bias:
             if not _is_int(token) or token < 0:
                 raise bad("logit_bias", f"keys must be token ids >= 0, got {token!r}")

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ from s1serve.distributed.groups import (
 )
 from s1serve.distributed.worker import HEARTBEAT, STOP, LoadReport, RankSpec, load_rank, model_dtype, send
 from s1serve.engine.config import EngineConfig
-from s1serve.engine.model_runner import ModelRunner, Runner, StepSequence, kv_blocks_for
+from s1serve.engine.model_runner import ModelRunner, Runner, StepOutput, StepSequence, kv_blocks_for
 
 log = logging.getLogger("s1serve.executor")
 
@@ -163,7 +163,7 @@ class DistributedRunner(_OverLocalShard):
         workers.on_failure(self._failure.report)
         threading.Thread(target=self._heartbeat, name="s1serve-heartbeat", daemon=True).start()
 
-    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor:
+    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> StepOutput:
         return self._call("execute", seqs, logits_for)
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -178,7 +178,7 @@ class DistributedRunner(_OverLocalShard):
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         self._failure.on_failure(callback)
 
-    def _call(self, method: str, *args: object) -> torch.Tensor:
+    def _call(self, method: str, *args: object) -> Any:
         with self._lock:
             if self._failure.failure is not None:
                 raise self._failure.failure
@@ -237,7 +237,7 @@ class LockstepRunner(_OverLocalShard):
         self.world = world
         self.reports = reports
 
-    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor:
+    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> StepOutput:
         return self.local.execute(seqs, logits_for)
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

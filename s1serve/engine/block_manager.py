@@ -55,8 +55,9 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the sequence's leading full blocks. At least its last token is left to compute,
-        since the step that computes it yields the logits to sample from."""
-        if not self.enable_caching:
+        since the step that computes it yields the logits to sample from. None at all while the sequence's
+        request still needs logits at its prompt positions (prompt logprobs: a cached block has none)."""
+        if not self.enable_caching or seq.request.needs_prompt_logprobs:
             return []
         blocks = []
         for i in range((seq.num_tokens - 1) // self.block_size):

@@ -35,6 +35,7 @@ from s1serve.engine.isolation import StageError, fault_message, per_row
 from s1serve.engine.media import FeatureCache, MediaInput
 from s1serve.engine.model_runner import Runner, StepSequence
 from s1serve.engine.outputs import OutputDelta
+from s1serve.engine.prompt_logprobs import PromptLogprobs
 from s1serve.engine.request import Request, Sequence, SequenceStatus
 from s1serve.engine.scheduler import Scheduler
 from s1serve.engine.text_output import TextOutput, TokenizerDetokenizer
@@ -166,6 +167,7 @@ class Engine:
             max_len=self.max_model_len,
             stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids),
             media=tuple(media),
+            prompt_logprobs=None if params.prompt_logprobs is None else PromptLogprobs(prompt, params.prompt_logprobs),
         )
         seq = self._new_sequence(request, 0, prompt)
         seq.pending_forks = params.n - 1
@@ -225,8 +227,11 @@ class Engine:
             return deltas
 
         ready = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
-        logits = self.runner.execute(step, ready)  # not isolated: a failing forward is the engine's death
-        for seq, n in scheduled:
+        output = self.runner.execute(step, ready)  # not isolated: a failing forward is the engine's death
+        logits = output.logits
+        for (seq, n), scores in zip(scheduled, output.prompt_logprobs):
+            if seq.request.prompt_logprobs is not None:
+                seq.request.prompt_logprobs.add(scores)
             seq.num_computed_tokens += n
             self.blocks.cache_full_blocks(seq)
 
@@ -325,6 +330,8 @@ class Engine:
     def _step_sequence(self, seq: Sequence, n: int) -> StepSequence:
         """The sequence's part of a step; with the vision features of the media pads among its n new tokens."""
         start = seq.num_computed_tokens
+        prompt_logprobs = seq.request.prompt_logprobs
+        scoring = None if prompt_logprobs is None else prompt_logprobs.rows(start, n)
         rows, embeds = [], []
         for i, item in enumerate(seq.request.media):
             if item.start >= start + n or item.end <= start:
@@ -334,8 +341,8 @@ class Engine:
             rows += (positions[inside] - start).tolist()
             embeds.append(self._features(seq.request, i)[inside])
         if not rows:
-            return StepSequence(seq.next_tokens(n), start, seq.block_table)
-        return StepSequence(seq.next_tokens(n), start, seq.block_table, tuple(rows), torch.cat(embeds))
+            return StepSequence(seq.next_tokens(n), start, seq.block_table, prompt_scoring=scoring)
+        return StepSequence(seq.next_tokens(n), start, seq.block_table, tuple(rows), torch.cat(embeds), scoring)
 
     def _features(self, request: Request, index: int) -> torch.Tensor:
         """Vision features of the request's media item `index`: kept, cached, or encoded now (once per item)."""
@@ -434,6 +441,7 @@ class Engine:
 
     def _delta(self, seq: Sequence, token_ids: list[int], logprob: TokenLogprob | None) -> OutputDelta:
         wants_logprobs = seq.request.params.logprobs is not None
+        prompt_logprobs = seq.request.prompt_logprobs
         return OutputDelta(
             request_id=seq.request.request_id,
             index=seq.index,
@@ -443,6 +451,7 @@ class Engine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             num_cached_tokens=seq.num_prefix_hit_tokens,
+            prompt_logprobs=None if prompt_logprobs is None else prompt_logprobs.take(),
         )
 
     # ---------------------------------------------------------------------------------------------- statistics

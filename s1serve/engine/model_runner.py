@@ -1,7 +1,8 @@
 """Runs one forward over a flat batch of sequences (prefill chunks and decode tokens together).
 
 Each sequence in a step brings its new token ids, the number of its tokens already cached, and its block table;
-the runner returns the logits of the last new token of the sequences that asked for them.
+the runner returns the logits of the last new token of the sequences that asked for them, and the scores of the
+prompt rows a sequence asks to have scored (prompt logprobs, scored from the same full-vocabulary logits).
 
 `Runner` is what the engine needs of a runner. `ModelRunner` runs the model in this process; the runners of
 s1serve.distributed implement the same interface over many ranks: one that broadcasts each step to the other
@@ -20,8 +21,10 @@ from torch import nn
 
 from s1serve.engine.config import EngineConfig, flag
 from s1serve.engine.kv_cache import allocate_kv_cache, num_blocks_for_memory
+from s1serve.engine.prompt_logprobs import PromptScoring, score_prompt_rows
 from s1serve.layers import kernels
 from s1serve.layers.attention import AttentionBatch
+from s1serve.layers.sampler import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,13 @@ class StepSequence:
     block_table: list[int]  # cache blocks holding (and to hold) this sequence, in order
     media_rows: tuple[int, ...] = ()  # which of the new tokens are image/video pads (offsets into token_ids)
     media_embeds: torch.Tensor | None = None  # [len(media_rows), hidden]: their vision features, in that order
+    prompt_scoring: PromptScoring | None = None  # rows whose logits score the next prompt token (prompt logprobs)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    logits: torch.Tensor  # float32 [len(logits_for), vocab]: the last new token's of the sequences that sample
+    prompt_logprobs: list[list[TokenLogprob]]  # per step sequence: the scores of its prompt_scoring rows, else []
 
 
 class Runner(Protocol):
@@ -39,7 +49,7 @@ class Runner(Protocol):
     block_size: int
     needs_heartbeat: bool  # the engine loop must tick (any_work, step) even when it has no requests
 
-    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor: ...
+    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> StepOutput: ...
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor: ...
 
@@ -118,15 +128,18 @@ class ModelRunner:
         return self.model.embed(ids, torch.tensor(rows, dtype=torch.long), torch.cat(embeds).to(self.device))
 
     @torch.inference_mode()
-    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> torch.Tensor:
-        """Runs the step; float32 logits [len(logits_for), vocab] at the last new token of those sequences."""
+    def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> StepOutput:
+        """Runs the step: logits at the last new token of the sequences `logits_for`, and the prompt rows' scores.
+        (TP followers run the same calls, so that every rank meets the lm_head's all-gathers.)"""
         hidden = self.hidden_states(seqs)
         ends = torch.cumsum(torch.tensor([len(s.token_ids) for s in seqs]), 0) - 1
-        return self.model.compute_logits(hidden[ends[logits_for].to(self.device)])
+        logits = self.model.compute_logits(hidden[ends[logits_for].to(self.device)])
+        vocab = self.model.config.text.vocab_size
+        return StepOutput(logits, score_prompt_rows(hidden, seqs, self.model.compute_logits, vocab))
 
     def last_logits(self, seqs: list[StepSequence]) -> torch.Tensor:
         """Float32 logits [num sequences, vocab] at each sequence's last new token."""
-        return self.execute(seqs, list(range(len(seqs))))
+        return self.execute(seqs, list(range(len(seqs)))).logits
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

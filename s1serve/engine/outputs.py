@@ -20,6 +20,9 @@ class OutputDelta:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the prompt was admitted
     error: str | None = None  # with finish_reason "error": what failed while handling the request (engine/isolation.py)
+    # On the request's first output, when it asks for prompt logprobs: None for the first prompt token, then each
+    # later prompt token scored by the logits of the position before it (engine/prompt_logprobs.py).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked for (OutputDelta.prompt_logprobs)
 
     @property
     def token_ids(self) -> list[int]:

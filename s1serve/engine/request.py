@@ -14,7 +14,7 @@ import torch
 
 from s1serve.engine.grammar import Matcher
 from s1serve.engine.media import MediaInput
-
+from s1serve.engine.prompt_logprobs import PromptLogprobs
 from s1serve.engine.text_output import TextOutput
 from s1serve.layers.sampler import TokenLogprob
 from s1serve.sampling_params import SamplingParams
@@ -37,10 +37,16 @@ class Request:
     sequences: list["Sequence"] = field(default_factory=list)
     media: tuple[MediaInput, ...] = ()  # images and videos whose features replace pad tokens of the prompt
     media_features: dict[int, torch.Tensor] = field(default_factory=dict)  # encoded items with pads left to compute
+    prompt_logprobs: PromptLogprobs | None = None  # when the request asks for them
 
     def media_hash(self, start: int, end: int) -> bytes:
         """The keys of the media items with pads in positions [start, end): part of a KV block's hash."""
         return b"".join(m.key.encode() for m in self.media if m.start < end and m.end > start)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt positions remain to be scored (the prefix cache is skipped until none do)."""
+        return self.prompt_logprobs is not None and self.prompt_logprobs.pending
 
     @property
     def finished(self) -> bool:

@@ -150,6 +150,8 @@ class LLM:
                     while len(result.outputs) <= delta.index:
                         result.outputs.append(CompletionOutput(len(result.outputs)))
                     result.outputs[delta.index].add(delta)
+                    if delta.prompt_logprobs is not None:
+                        result.prompt_logprobs = delta.prompt_logprobs
                     generated += len(delta.token_ids)
                     if delta.finish_reason is not None and delta.request_id not in self.engine.requests:
                         progress.update(1)

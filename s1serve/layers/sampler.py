@@ -5,7 +5,8 @@ each filter acting on what the previous ones kept. Filtering works on the candid
 max-k of the batch, or the whole vocabulary when a row has no top-k), all rows at once. A sampled row draws one
 uniform number from its own generator and inverts the cumulative distribution of its candidates: every
 operation on a row is independent of the other rows, so a seeded request samples the same tokens in any batch.
-Logprobs are those of the model's raw distribution (before penalties, temperature and filters).
+Logprobs are those of the model's raw distribution (before penalties, temperature and filters); `token_logprobs`
+also scores prompt tokens (the engine's prompt logprobs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+    rank: int  # 1 + the number of other tokens at least as likely (vLLM's rank: 1 for the most likely)
 
 
 @dataclass(frozen=True)
@@ -138,14 +140,23 @@ class Sampler:
     def _logprobs(raw: torch.Tensor, params: list[SamplingParams], token_ids: list[int]) -> list[TokenLogprob | None]:
         out: list[TokenLogprob | None] = [None] * len(params)
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if not rows:
-            return out
-        logprobs = torch.log_softmax(raw[rows], dim=-1)
-        chosen = logprobs.gather(1, torch.tensor([[token_ids[i]] for i in rows], device=raw.device))[:, 0].tolist()
-        width = max(params[i].logprobs for i in rows)
-        top_values, top_ids = logprobs.topk(width, dim=-1) if width else (logprobs[:, :0], logprobs[:, :0].long())
-        for r, i in enumerate(rows):
-            k = params[i].logprobs
-            top = tuple(zip(top_ids[r, :k].tolist(), top_values[r, :k].tolist()))
-            out[i] = TokenLogprob(token_ids[i], chosen[r], top)
+        if rows:
+            scored = token_logprobs(raw[rows], [token_ids[i] for i in rows], [params[i].logprobs for i in rows])
+            for i, logprob in zip(rows, scored):
+                out[i] = logprob
         return out
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Row r's token_ids[r] scored under log_softmax(logits[r]) in float32, with its rank and the ks[r] most
+    likely tokens. logits: [R, vocab]; the caller bounds R (the work is a few [R, vocab] float32 tensors)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])
+    ranks = (logprobs >= chosen).sum(dim=-1).tolist()
+    width = max(ks)
+    top_values, top_ids = logprobs.topk(width, dim=-1) if width else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids, chosen_values = top_values.tolist(), top_ids.tolist(), chosen[:, 0].tolist()
+    return [
+        TokenLogprob(token_ids[r], chosen_values[r], tuple(zip(top_ids[r][:k], top_values[r][:k])), ranks[r])
+        for r, k in enumerate(ks)
+    ]

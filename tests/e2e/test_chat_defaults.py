@@ -1,7 +1,7 @@
 """Chat Completions as a new user meets it: the SDK's default requests (no extra_body unless the feature itself
 is an extension), against a real server. Issue 15's list of gaps: spacing around added tokens, reasoning_content
-always present, tokenize/detokenize round trip, logit_bias, cached_tokens, echo, prompt_logprobs,
-return_token_ids."""
+always present, tokenize/detokenize round trip, logit_bias, cached_tokens, echo, return_token_ids (prompt_logprobs:
+test_prompt_logprobs.py)."""
 
 from __future__ import annotations
 
@@ -142,12 +142,11 @@ def test_chat_return_token_ids(client):
 
 
 @pytest.mark.parametrize("route, body, needle", [
-    ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "echo": True}, "echo"),
-    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1}, "prompt_logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "prompt_logprobs": -1}, "prompt_logprobs"),
 ])
-def test_unsupported_extensions_are_refused_not_ignored(api_server, route, body, needle):
+def test_unsupported_extensions_and_values_are_refused_not_ignored(api_server, route, body, needle):
     response = _post(api_server, route, {"model": MODEL, "max_tokens": 2, **body})
     assert response.status_code == 400, response.text
     assert needle in response.json()["error"]["message"]

@@ -26,6 +26,8 @@ from s1serve.sampling_params import InvalidParameterError
         ("presence_penalty", dict(presence_penalty=3)),
         ("frequency_penalty", dict(frequency_penalty=-2.5)),
         ("logprobs", dict(logprobs=-1)),
+        ("prompt_logprobs", dict(prompt_logprobs=21)),
+        ("prompt_logprobs", dict(prompt_logprobs=-1)),
         ("stop", dict(stop=[""])),
         ("stop_token_ids", dict(stop_token_ids=[-1])),
         ("seed", dict(seed="7")),

@@ -112,3 +112,22 @@ def test_s1serve_last_logits_match_golden(name, golden_checkpoint, tiny_llm):
     diff = float((got.float() - GOLDEN_LOGITS[name]).abs().max())
     print(f"{name}: max|s1serve - golden| last-position logits = {diff:.3e}")
     assert diff <= TOL, f"{name}: max |logit diff| {diff:.3e} > {TOL}"
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_s1serve_prompt_logprobs_match_golden(name, golden_checkpoint, tiny_llm):
+    """Prompt + the authors' greedy ids as one prompt: the position before the first greedy id is scored by the
+    golden logits (value and top 5), and each greedy id, the argmax of the authors' full forward, ranks first."""
+    from s1serve import SamplingParams
+
+    p = PROMPTS[name]
+    prompt, greedy = p["prompt_ids"], p["greedy_ids"]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=5)
+    out = tiny_llm.generate(prompt_token_ids=[prompt + greedy], sampling_params=params, use_tqdm=False)[0]
+    entries = out.prompt_logprobs[len(prompt):]
+    golden = torch.log_softmax(GOLDEN_LOGITS[name], -1)
+    first = entries[0]
+    assert first.token_id == greedy[0] and abs(first.logprob - float(golden[greedy[0]])) <= 2 * TOL
+    assert torch.allclose(torch.tensor([v for _, v in first.top]), golden.topk(5).values, atol=2 * TOL, rtol=0)
+    assert all(abs(v - float(golden[t])) <= 2 * TOL for t, v in first.top)
+    assert [e.rank for e in entries] == [1] * len(greedy), f"{name}: a greedy id is not the most likely"

@@ -51,6 +51,7 @@ class Generation:
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache, as the engine reports them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, when the params ask for them
     _started: tuple[ChoiceStep, AsyncIterator[ChoiceStep]] | None = None  # start()'s first step and the rest
 
     def __post_init__(self) -> None:
@@ -99,6 +100,8 @@ class Generation:
         try:
             async for out in _within(agen, self.ctx.request_timeout):
                 i = out.index
+                if out.prompt_logprobs is not None:
+                    self.prompt_logprobs = out.prompt_logprobs
                 if self.finish_reasons[i] is not None:
                     continue  # ended by a stop string while the engine still ran it (n > 1)
                 if out.error is not None:

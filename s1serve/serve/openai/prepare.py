@@ -106,17 +106,17 @@ def logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float],
     return tuple(pairs)
 
 
-def refuse_prompt_logprobs(req: SamplingFields) -> None:
-    """prompt_logprobs is named in the API but not computed: a 400 rather than a silent omission."""
-    if req.prompt_logprobs is not None:
-        raise APIError(400, "prompt_logprobs is not supported by this server (only sampled-token logprobs)", "prompt_logprobs")
-
-
 def sampling_params(
-    req: SamplingFields, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None, *, vocab_size: int
+    req: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    constraint: Constraint | None = None,
+    *,
+    vocab_size: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """Engine parameters. Stop strings stay with the server, which applies them to the content only."""
-    refuse_prompt_logprobs(req)
+    """Engine parameters. Stop strings stay with the server, which applies them to the content only.
+    `prompt_logprobs`: what the engine computes (req.prompt_logprobs, or more for a completions echo)."""
     try:
         return SamplingParams(
             n=req.n,
@@ -132,6 +132,7 @@ def sampling_params(
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             constraint=constraint,

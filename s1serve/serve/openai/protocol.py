@@ -92,7 +92,7 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[str, float]] = None  # token id (as a JSON key) -> bias in [-100, 100]
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
-    prompt_logprobs: Optional[int] = None  # vLLM's; refused with a 400 (the engine computes no prompt logprobs)
+    prompt_logprobs: Optional[int] = None  # vLLM's: each prompt token's logprob and the top k (0..20, SamplingParams)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None

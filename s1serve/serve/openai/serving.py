@@ -12,7 +12,7 @@ import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -23,6 +23,7 @@ from s1serve.serve.openai.choice import ChoiceText
 from s1serve.serve.openai.errors import APIError
 from s1serve.serve.openai.concurrent import merge, run_all, start_all
 from s1serve.serve.openai.generation import Generation
+from s1serve.serve.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_field
 from s1serve.serve.openai.media import media_parts, process_media
 from s1serve.serve.openai.prepare import (
     ServingContext,
@@ -68,13 +69,6 @@ class ChatServing:
         prompt_ids, media = await process_media(self.ctx.media, prompt, refs, req.mm_processor_kwargs)
         return prompt, prompt_ids, media
 
-    def _logprobs(self, entries: list[TokenLogprob]) -> dict:
-        def item(token_id: int, logprob: float) -> dict:
-            text = self.ctx.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
-
     async def prepare(self, req: ChatCompletionRequest, reasoning_budget: int | None = None) -> PreparedChat:
         """Render, limits, sampling parameters, constraint and parsers of a chat request, ready to run. The
         Responses and Messages APIs translate their requests into a chat request and run it through here too."""
@@ -94,7 +88,9 @@ class ChatServing:
                 tool_names = {req.tool_choice.function.name}
         constraint = await asyncio.to_thread(chat_constraint, req, opens_reasoning, max_tokens, reasoning_budget)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, max_tokens, logprobs, constraint, vocab_size=ctx.vocab_size)
+        params = sampling_params(
+            req, max_tokens, logprobs, constraint, vocab_size=ctx.vocab_size, prompt_logprobs=req.prompt_logprobs
+        )
         choices = [
             ChoiceText.create(response_parser(ctx, starts_in_reasoning, tool_names, req.parallel_tool_calls), req.stop, req.include_stop_str_in_output)
             for _ in range(req.n)
@@ -118,7 +114,7 @@ class ChatServing:
             with ctx.metrics.counted_if_failed("chat"):
                 await gen.start()
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = self._stream(gen, include_usage, reasoning_ids, req.logprobs, req.return_token_ids)
+            stream = self._stream(gen, include_usage, reasoning_ids, req)
             return StreamingResponse(stream, media_type="text/event-stream")
         with ctx.metrics.counted("chat"):
             await gen.run()
@@ -137,7 +133,7 @@ class ChatServing:
                     "index": i,
                     "message": message,
                     "finish_reason": parsed.finish_reason,
-                    "logprobs": self._logprobs(gen.logprobs[i]) if req.logprobs else None,
+                    "logprobs": chat_logprobs(gen.logprobs[i], ctx.token_text) if req.logprobs else None,
                     **({"token_ids": gen.token_ids[i]} if req.return_token_ids else {}),
                 }
             )
@@ -151,6 +147,7 @@ class ChatServing:
         }
         if req.return_token_ids:
             body["prompt_token_ids"] = gen.prompt_ids
+        body.update(prompt_logprobs_field(req.prompt_logprobs, gen.prompt_logprobs, ctx.token_text))  # vLLM: top level
         return JSONResponse(body)
 
     def _usage(self, gen: Generation, reasoning_ids: dict | None) -> dict:
@@ -162,12 +159,15 @@ class ChatServing:
             )
         return render.usage(len(gen.prompt_ids), sum(map(len, gen.token_ids)), reasoning, gen.num_cached_tokens)
 
-    async def _stream(self, gen: Generation, include_usage: bool, reasoning_ids: dict | None, logprobs: bool, token_ids: bool):
+    async def _stream(self, gen: Generation, include_usage: bool, reasoning_ids: dict | None, req: ChatCompletionRequest):
+        logprobs, token_ids = req.logprobs, req.return_token_ids
         base = {"id": gen.request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.ctx.model_name}
         for i in range(len(gen.choices)):
             first = {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
             if token_ids:
                 first["prompt_token_ids"] = gen.prompt_ids
+            if i == 0:  # start() has received the first output, which carries them
+                first.update(prompt_logprobs_field(req.prompt_logprobs, gen.prompt_logprobs, self.ctx.token_text))
             yield render.sse(first)
 
         async def chunks() -> AsyncIterator[dict]:
@@ -177,7 +177,7 @@ class ChatServing:
                     if payload or step.finish_reason is not None or (token_ids and step.token_ids):
                         choice = {"index": step.index, "delta": payload, "finish_reason": step.finish_reason}
                         if logprobs and step.logprobs:
-                            choice["logprobs"] = self._logprobs(step.logprobs)
+                            choice["logprobs"] = chat_logprobs(step.logprobs, self.ctx.token_text)
                         if token_ids:
                             choice["token_ids"] = step.token_ids
                         yield {**base, "choices": [choice]}
@@ -212,31 +212,16 @@ class CompletionServing:
                 raise APIError(400, str(exc), exc.param) from None
         return batches
 
-    def _logprobs(self, entries: list[TokenLogprob]) -> dict:
-        tokens = [self.ctx.token_text(e.token_id) for e in entries]
-        offsets, at = [], 0
-        for text in tokens:
-            offsets.append(at)
-            at += len(text)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self.ctx.token_text(t): lp for t, lp in e.top} for e in entries],
-            "text_offset": offsets,
-        }
-
     async def create(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
         ctx = self.ctx
         check_model(ctx, req.model)
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute; "
-                           "send echo or logprobs, not both", "echo")
         check_capacity(ctx)
         request_id = random_id("cmpl-")
         gens = []
         for p, ids in enumerate(await asyncio.to_thread(self.prompts, req)):
             max_tokens = resolve_max_tokens(ctx, len(ids), req.max_new_tokens)
-            params = sampling_params(req, max_tokens, req.logprobs, vocab_size=ctx.vocab_size)
+            prompt_logprobs = self._engine_prompt_logprobs(req)
+            params = sampling_params(req, max_tokens, req.logprobs, vocab_size=ctx.vocab_size, prompt_logprobs=prompt_logprobs)
             choices = [ChoiceText.create(ResponseParser(), req.stop, req.include_stop_str_in_output) for _ in range(req.n)]
             gens.append(Generation(ctx, f"{request_id}-{p}", ids, params, choices))
         if req.stream:
@@ -248,13 +233,15 @@ class CompletionServing:
             await run_all(gens)
         body_choices = []
         for p, gen in enumerate(gens):
+            echoed_ids, echoed_logprobs = self._echoed(req, gen)
             for i, choice in enumerate(gen.choices):
                 body_choices.append(
                     {
                         "index": p * req.n + i,
                         "text": self._echo(req, gen) + choice.text,
                         "finish_reason": gen.finish_reasons[i],
-                        "logprobs": self._logprobs(gen.logprobs[i]) if req.logprobs is not None else None,
+                        "logprobs": self._logprobs(req, echoed_ids + gen.token_ids[i], echoed_logprobs + gen.logprobs[i]),
+                        **prompt_logprobs_field(req.prompt_logprobs, gen.prompt_logprobs, ctx.token_text),  # vLLM: per choice
                         **self._token_ids(req, gen, gen.token_ids[i]),
                     }
                 )
@@ -268,6 +255,27 @@ class CompletionServing:
                 "usage": self._usage(gens),
             }
         )
+
+    @staticmethod
+    def _engine_prompt_logprobs(req: CompletionRequest) -> int | None:
+        """Prompt logprobs the engine computes: those asked for, and those an echo with logprobs shows (vLLM's)."""
+        if req.echo and req.logprobs is not None:
+            return max(req.logprobs, req.prompt_logprobs or 0)
+        return req.prompt_logprobs
+
+    def _logprobs(
+        self, req: CompletionRequest, token_ids: list[int], entries: Sequence[TokenLogprob | None]
+    ) -> dict | None:
+        if req.logprobs is None:
+            return None
+        return completion_logprobs(token_ids, entries, req.logprobs, self.ctx.token_text)
+
+    @staticmethod
+    def _echoed(req: CompletionRequest, gen: Generation) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The echoed prompt's ids and logprobs (the first None), which come before a choice's own."""
+        if not req.echo:
+            return [], []
+        return list(gen.prompt_ids), list(gen.prompt_logprobs or [])
 
     def _echo(self, req: CompletionRequest, gen: Generation) -> str:
         """The prompt's text when the request asks for it echoed (decoded so that it round-trips)."""
@@ -288,15 +296,19 @@ class CompletionServing:
         base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.ctx.model_name}
 
         async def chunks(p: int, gen: Generation) -> AsyncIterator[dict]:
-            if req.echo:
+            if req.echo or req.prompt_logprobs is not None:  # each choice's first chunk: the prompt's
                 for i in range(req.n):
+                    logprobs = self._logprobs(req, *self._echoed(req, gen)) if req.echo else None
                     yield {**base, "choices": [{"index": p * req.n + i, "text": self._echo(req, gen), "finish_reason": None,
-                                                "logprobs": None, **self._token_ids(req, gen, [])}]}
+                                                "logprobs": logprobs,
+                                                **prompt_logprobs_field(req.prompt_logprobs, gen.prompt_logprobs,
+                                                                        self.ctx.token_text),
+                                                **self._token_ids(req, gen, [])}]}
             async with aclosing(gen.steps()) as steps:
                 async for step in steps:
                     if step.delta.content or step.finish_reason is not None or (req.return_token_ids and step.token_ids):
                         choice = {"index": p * req.n + step.index, "text": step.delta.content, "finish_reason": step.finish_reason}
-                        choice["logprobs"] = self._logprobs(step.logprobs) if req.logprobs is not None and step.logprobs else None
+                        choice["logprobs"] = self._logprobs(req, step.token_ids, step.logprobs) if step.logprobs else None
                         if req.return_token_ids:
                             choice["token_ids"] = step.token_ids
                         yield {**base, "choices": [choice]}
