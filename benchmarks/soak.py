@@ -182,7 +182,7 @@ async def drive(url: str, model: str, args: argparse.Namespace, server_pid: int 
         sampler = asyncio.create_task(sample(client, server_pid, start, args.sample_every, samples, stop))
         sent = 0
         while time.monotonic() - start < args.minutes * 60:
-            kind = rng.choice(KINDS)
+            kind = rng.choice(args.kinds)
             task = asyncio.create_task(one_request(client, kind, random.Random(rng.random()), model,
                                                    rng.random() < args.abandon_share, tally, args.client_timeout))
             tasks.add(task)
@@ -244,6 +244,7 @@ def main() -> int:
     parser.add_argument("--sample-every", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--client-timeout", type=float, default=300.0, help="a request unanswered by then is lost")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the traffic's kinds of request")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--url", help="a running server (its memory is then not sampled)")
     parser.add_argument("--port", type=int, default=23399)

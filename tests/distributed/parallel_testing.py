@@ -194,3 +194,18 @@ def sleeper(parent_pid: int) -> None:
 
     die_with_parent(parent_pid)
     time.sleep(120)
+
+
+def guide_client(base_url: str) -> None:
+    """The deployment guide's client code: the first served model, a chat completion."""
+    from openai import OpenAI
+
+    client = OpenAI(api_key="EMPTY", base_url=f"{base_url}/v1", max_retries=0, timeout=120)
+    model_name = client.models.list().data[0].id
+    response = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "tell me about an interesting physical phenomenon."}]}],
+        temperature=0.8, top_p=0.95, max_tokens=8,
+    )
+    assert model_name == MODEL_NAME and response.model == MODEL_NAME
+    assert response.choices[0].finish_reason in ("length", "stop") and response.usage.completion_tokens >= 1

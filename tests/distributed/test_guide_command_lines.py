@@ -12,9 +12,8 @@ import time
 
 import httpx
 import pytest
-from openai import OpenAI
 from parallel_testing import (
-    MODEL_NAME, Launched, completions, free_port, launch, prompts, reference, stop, wait_healthy,
+    MODEL_NAME, Launched, completions, free_port, guide_client, launch, prompts, reference, stop, wait_healthy,
 )
 
 MEDIA = '{"video": {"num_frames": 768, "fps": 2}}'
@@ -35,19 +34,6 @@ def start(argv: list[str], log_path, ports: list[int], env: dict[str, str] | Non
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env or environment())
     return Launched(proc, log_path, ports)
-
-
-def guide_client(base_url: str) -> None:
-    """The guide's client: the first served model, a chat completion."""
-    client = OpenAI(api_key="EMPTY", base_url=f"{base_url}/v1", max_retries=0, timeout=120)
-    model_name = client.models.list().data[0].id
-    response = client.chat.completions.create(
-        model=model_name,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "tell me about an interesting physical phenomenon."}]}],
-        temperature=0.8, top_p=0.95, max_tokens=8,
-    )
-    assert model_name == MODEL_NAME and response.model == MODEL_NAME
-    assert response.choices[0].finish_reason in ("length", "stop") and response.usage.completion_tokens >= 1
 
 
 def registered(proxy: Launched) -> dict:

@@ -1,6 +1,8 @@
-"""--distributed-executor-backend ray: rank 1 of a --tp 2 server is a Ray actor on a local Ray head that the test
-starts (and stops); outputs equal one process's, and the actor's death makes the server unhealthy. Without a
-cluster the flag fails with one line."""
+"""--distributed-executor-backend ray: rank 1 of a --tp 2 server is a Ray actor on a Ray cluster of two "nodes" on
+loopback that the test starts (and stops): a head and a second node with one CPU each, so that rank 0's bundle fills
+the head and rank 1 lands on the other node, as on the guide's two machines. Outputs equal one process's, the
+guide's vLLM TP line (`vllm-serve`, scaled to 2 ranks) answers its client code, and the actor's death makes the
+server unhealthy. Without a cluster the flag fails with one line."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from parallel_testing import completions, launch, prompts, reference, stop, wait_healthy
+from parallel_testing import (
+    MODEL_NAME, Launched, completions, free_port, guide_client, launch, prompts, reference, stop, wait_healthy,
+)
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -33,33 +37,49 @@ def test_without_a_ray_cluster_the_error_says_so(tiny_checkpoint):
     assert done.stderr.startswith("error: --distributed-executor-backend ray needs a running Ray cluster")
 
 
+def _start_ray(args: list[str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen([str(RAY), "start", "--block", "--num-cpus", "1", "--object-store-memory",
+                                 str(100 << 20), *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop_ray(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_for(pattern: str, log_path: Path, process: subprocess.Popen) -> re.Match:
+    deadline = time.monotonic() + 60
+    while not (found := re.search(pattern, log_path.read_text())):
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+    return found
+
+
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` in a short temp dir (Ray's socket paths must stay short); SIGTERM stops it and
-    every process it started."""
+    """A two-node Ray cluster on this machine: `ray start --head` in a short temp dir (Ray's socket paths must
+    stay short) and `ray start --address` for node 1, one CPU each; SIGTERM stops each and what it started."""
     if not RAY.exists():
         pytest.fail(f"{RAY} is missing: install the test extra (pip install -e '.[test]')")
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    log_path = Path(temp) / "head.log"
-    with open(log_path, "w") as log:
-        head = subprocess.Popen(
-            [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats", "--port", "0",
-             "--include-dashboard=false", "--object-store-memory", str(100 << 20), "--temp-dir", temp],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+    head_log, node_log = Path(temp) / "head.log", Path(temp) / "node1.log"
+    head = _start_ray(["--head", "--disable-usage-stats", "--port", "0", "--include-dashboard=false", "--temp-dir",
+                       temp], head_log)
+    node = None
     try:
-        deadline = time.monotonic() + 60
-        while not (found := re.search(r"ray start --address='([^']+)'", log_path.read_text())):
-            assert head.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        yield found.group(1)
+        address = _wait_for(r"ray start --address='([^']+)'", head_log, head).group(1)
+        node = _start_ray([f"--address={address}"], node_log)
+        _wait_for(r"Ray runtime started", node_log, node)
+        yield address
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        for process in (node, head):
+            if process is not None:
+                _stop_ray(process)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -81,3 +101,28 @@ def test_tp2_with_a_ray_actor_equals_one_process(tiny_checkpoint, tmp_path, ray_
     finally:
         if server.process.poll() is None:
             stop(server)
+
+
+def test_the_guides_vllm_tp_line_with_ray_on_two_nodes(tiny_checkpoint, tmp_path, ray_head):
+    """The guide's `vllm serve` TP line with only the model path and sizes changed (2 ranks), on the two nodes."""
+    port = free_port()
+    line = [
+        "-m", "s1serve", "vllm-serve", str(tiny_checkpoint), "--tensor-parallel-size", "2", "--enable-expert-parallel",
+        "--distributed-executor-backend", "ray", "--max-model-len", "65536", "--trust-remote-code",
+        "--reasoning-parser", "deepseek_r1", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+    ]
+    test_only = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL_NAME, "--dtype", "float32",
+                 "--block-size", "16", "--num-gpu-blocks-override", "128"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, *line, *test_only], stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "RAY_ADDRESS": ray_head})
+    server = Launched(process, log_path, [port])
+    try:
+        wait_healthy(server, timeout=300)
+        guide_client(server.urls[0])
+        assert completions(server.urls, prompts()[:4]) == list(reference(str(tiny_checkpoint))[1][:4])
+        assert re.search(r"\(RankActor pid=\d+", server.log()), server.log()
+    finally:
+        code = stop(server) if server.process.poll() is None else server.process.returncode
+    assert code == 0, server.log()
