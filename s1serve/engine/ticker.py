@@ -3,7 +3,8 @@
 A runner that needs a heartbeat (a DP rank whose MoE layers exchange tokens with the other DP ranks) is ticked
 without pause: each tick asks all ranks whether any has work, steps if one has (an idle rank runs the model's
 empty step), and sleeps a few milliseconds if none has (1 ms, doubling to 10 ms while all stay idle), so that
-every rank enters the same forwards. Each step is timed on the step clock, which /health reads.
+every rank enters the same forwards. Each step is timed on the step clock, which /health reads. When a step ends the
+last request, freed host memory goes back to the OS (host_memory.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 
 from s1serve.engine.engine import Engine
+from s1serve.engine.host_memory import release_free_memory
 from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.step_clock import StepClock
 
@@ -33,12 +35,15 @@ class EngineTicker:
     def tick(self) -> list[OutputDelta]:
         """A step if any rank has work (its deltas), else a heartbeat pause or nothing."""
         engine, runner = self.engine, self.engine.runner
-        if runner.any_work(engine.has_unfinished_requests()):
+        had_requests = engine.has_unfinished_requests()
+        if runner.any_work(had_requests):
             self.clock.begin(len(engine.requests))
             if self.test_step_sleep_s:
                 time.sleep(self.test_step_sleep_s)
             deltas = engine.step()
             self.clock.end()
+            if had_requests and not engine.has_unfinished_requests():
+                release_free_memory()  # once as this rank's last request ends, not on a DP rank's empty steps
             self._pause = IDLE_TICK_S[0]
             return deltas
         if runner.needs_heartbeat:
