@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from s1serve.serve.asgi_body import read_body, replay
 from s1serve.serve.route_errors import error_for_route
 
 
@@ -20,23 +21,10 @@ class BodySizeLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(scope, receive, send)
-        body = bytearray()
-        more = True
-        messages = []
-        while more:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                return await self._refuse(scope, receive, send)
-            more = message.get("more_body", False)
-
-        async def replay() -> dict:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
+        read = await read_body(receive, self.limit)
+        if read is None:
+            return await self._refuse(scope, receive, send)
+        await self.app(scope, replay(read[0], receive), send)
 
     async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
         response = error_for_route(scope.get("path", ""), 413, f"request body is larger than --max-request-body-bytes ({self.limit} bytes)")

@@ -15,6 +15,7 @@ import math
 import re
 from typing import Any
 
+from s1serve.serve.asgi_body import read_body, replay
 from s1serve.serve.route_errors import error_for_route
 
 MAX_DEPTH = 64
@@ -107,22 +108,12 @@ class CheckJSONBody:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
             return await self.app(scope, receive, send)
-        messages, body = [], bytearray()
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        read = await read_body(receive)
+        assert read is not None  # no limit given
+        messages, body = read
         content_type = dict(scope.get("headers", [])).get(b"content-type")
         try:
-            parse_json_body(bytes(body), None if content_type is None else content_type.decode("latin-1"))
+            parse_json_body(body, None if content_type is None else content_type.decode("latin-1"))
         except BodyError as exc:
             return await error_for_route(scope["path"], exc.status, exc.message, exc.param)(scope, receive, send)
-
-        async def replay() -> dict:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay(messages, receive), send)

@@ -77,7 +77,7 @@ class ServerMetrics:
         try:
             yield outcome
         except BaseException as exc:
-            outcome.value = "abort" if isinstance(exc, ABORTED) else "error"
+            outcome.value = _failure(exc)
             raise
         finally:
             self.requests.labels(endpoint, outcome.value).inc()
@@ -89,7 +89,7 @@ class ServerMetrics:
         try:
             yield
         except BaseException as exc:
-            self.requests.labels(endpoint, "abort" if isinstance(exc, ABORTED) else "error").inc()
+            self.requests.labels(endpoint, _failure(exc)).inc()
             raise
 
     def observe_engine(self, stats: EngineStats) -> None:
@@ -106,3 +106,8 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _failure(exc: BaseException) -> str:
+    """The outcome of a request whose handling raised `exc`."""
+    return "abort" if isinstance(exc, ABORTED) else "error"
