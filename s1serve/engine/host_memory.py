@@ -6,7 +6,7 @@ Two things made a long-running engine's RSS creep up (benchmarks/engine_memory.p
   take), builds a primitive for each new shape and keeps it in two LRU caches of 1024 entries each: ideep's
   (`LRU_CACHE_CAPACITY`) and oneDNN's own (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`). An engine meets new shapes for
   hours (token counts, sequences per step, context widths), and a primitive with its descriptor takes about
-  0.3 MiB, so the caches grew by hundreds of MiB before they filled. `bound_kernel_caches` caps both at
+  0.3-0.6 MiB, so the caches grew by hundreds of MiB before they filled. `bound_kernel_caches` caps both at
   KERNEL_CACHE_ENTRIES, which holds the few shapes one step uses many steps over; a miss costs a rebuild of well
   under a millisecond. Both libraries read the variables once, when their first primitive is made, so this has
   to run before the process's first bf16 matmul; variables already set by the user are kept.

@@ -1,6 +1,6 @@
 """The engine's kernel caches stay bounded: a process that meets hundreds of matmul shapes holds a few MiB for them.
 
-Each bf16 matmul shape makes oneDNN build a primitive that torch's two LRU caches keep (about 0.5 MiB each on an
+Each bf16 matmul shape makes oneDNN build a primitive that torch's two LRU caches keep (0.3-0.6 MiB a shape on an
 AVX512/AMX CPU); unbounded they hold 1024 each. Measured in fresh processes, since both caches read their capacity
 once, at the process's first primitive.
 """
