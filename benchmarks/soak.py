@@ -215,14 +215,15 @@ def report(sent: int, tally: Tally, samples: list[dict]) -> int:
     return 0 if accounted == sent and bad == 0 else 1
 
 
-def start_server(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(model: Path, port: int, extra: list[str], wait: float = 300) -> subprocess.Popen:
+    """Starts the api_server and returns once /health answers 200 (within `wait` seconds, else exits)."""
     if not (model / "config.json").exists():
         subprocess.run([sys.executable, "-m", "s1serve", "make-tiny", "--out", str(model), "--preset", "tiny",
                         "--seed", "0"], check=True)
     cmd = [sys.executable, "-m", "s1serve", "serve", "api_server", str(model), "--server-name", "127.0.0.1",
            "--server-port", str(port), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -233,7 +234,7 @@ def start_server(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
             raise SystemExit(f"the server exited with {proc.returncode} before it was healthy")
         time.sleep(1)
     proc.kill()
-    raise SystemExit("the server was not healthy within 300 s")
+    raise SystemExit(f"the server was not healthy within {wait:.0f} s")
 
 
 def main() -> int:

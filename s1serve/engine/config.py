@@ -13,6 +13,10 @@ class EngineConfig:
     cache_max_entry_count: float = 0.8  # fraction of free device memory (after the weights) given to the KV cache
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_num_seqs: int = 256  # sequences running at once
+    # While sequences decode in a step, one prompt chunk of that step takes at most this many tokens and this many
+    # (query x key) attention pairs, so that the step stays close to a decode step; 0: no bound.
+    max_prefill_tokens_while_decoding: int = 256
+    max_prefill_pairs_while_decoding: int = 1 << 18
     max_model_len: int | None = None  # prompt + output cap; None: the model's max positions (and the KV capacity)
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the generators of requests that bring no seed, in arrival order
@@ -21,19 +25,16 @@ class EngineConfig:
     max_num_queued_tokens: int | None = None  # prompt tokens waiting; None: the KV cache's capacity in tokens
 
     def __post_init__(self) -> None:
-        def positive(name: str) -> None:
+        def at_least(name: str, low: int) -> None:
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{flag(name)} must be an integer >= 1, got {value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"{flag(name)} must be an integer >= {low}, got {value!r}")
 
         for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
                      "max_num_queued_tokens"):
-            positive(name)
-        if self.max_num_queued_reqs is not None and (
-            not isinstance(self.max_num_queued_reqs, int) or isinstance(self.max_num_queued_reqs, bool)
-            or self.max_num_queued_reqs < 0
-        ):
-            raise ValueError(f"{flag('max_num_queued_reqs')} must be an integer >= 0, got {self.max_num_queued_reqs!r}")
+            at_least(name, 1)
+        for name in ("max_num_queued_reqs", "max_prefill_tokens_while_decoding", "max_prefill_pairs_while_decoding"):
+            at_least(name, 0)
         if not isinstance(self.mm_processor_cache_gb, (int, float)) or self.mm_processor_cache_gb < 0:
             raise ValueError(f"{flag('mm_processor_cache_gb')} must be a number >= 0, got {self.mm_processor_cache_gb!r}")
         if not 0 < self.cache_max_entry_count <= 1:
@@ -57,6 +58,10 @@ _HELP = {
     "cache_max_entry_count": "fraction of free device memory, after loading the weights, for the KV cache",
     "max_num_batched_tokens": "most tokens (prefill chunks + decodes) in one engine step",
     "max_num_seqs": "most sequences running at once",
+    "max_prefill_tokens_while_decoding": "most tokens of one prompt chunk in a step where other sequences decode "
+    "(0: no bound beyond --max-num-batched-tokens); keeps their inter-token latency close to a decode step",
+    "max_prefill_pairs_while_decoding": "most (query x key) attention pairs of one prompt chunk in a step where "
+    "other sequences decode (0: no bound): a chunk deep into a long prompt gets fewer tokens",
     "max_model_len": "most tokens (prompt + output) of one sequence (default: the model's max positions)",
     "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes",
     "seed": "seed for the generators of requests that set no seed",

@@ -5,12 +5,15 @@ token budget per step. (A sequence is only admitted behind a prompt chunk that c
 decoding sequences always come before the prefilling ones and no prompt chunk can starve a decode.) When blocks run out, the newest running sequence is preempted: its blocks are freed and it
 goes back to the head of the queue, to be recomputed later from its tokens (the prefix cache usually keeps most
 of them). Then waiting sequences are admitted first come, first served while budget, blocks and the sequence cap
-allow; a long prompt is split into chunks over several steps. A sequence alone that cannot get a block even
+allow; a long prompt is split into chunks over several steps. In a step where some sequences decode, each
+prompt chunk is also held within a token and an attention-cost bound (chunk_beside_decodes), so a long prompt
+does not stretch their inter-token latency; without decodes a chunk takes the whole budget. A sequence alone that cannot get a block even
 after every other one was preempted has outgrown the cache: it is reported as infeasible.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -54,10 +57,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        decoding = any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if decoding:
+                num_new = chunk_beside_decodes(num_new, seq.num_computed_tokens, self.config)
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
                 break
             out.scheduled.append((seq, num_new))
@@ -74,7 +80,10 @@ class Scheduler:
             if slots + seq.slots > self.config.max_num_seqs:
                 break
             cached = self.blocks.cached_prefix(seq)
-            num_new = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget)
+            context = len(cached) * self.blocks.block_size
+            num_new = min(seq.num_tokens - context, budget)
+            if decoding:
+                num_new = chunk_beside_decodes(num_new, context, self.config)
             if not self.blocks.can_admit(cached, num_new):
                 break
             self.waiting.popleft()
@@ -108,3 +117,16 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         out.preempted.append(seq)
+
+
+def chunk_beside_decodes(num_new: int, context: int, config: EngineConfig) -> int:
+    """How many of num_new tokens after `context` computed ones a sequence computes in a step where others decode:
+    at most --max-prefill-tokens-while-decoding, and at most as many as keep the chunk's attention, (tokens) x
+    (context + tokens) pairs, within --max-prefill-pairs-while-decoding; at least one, so a prompt still advances.
+    A decode (one token) is never cut."""
+    if config.max_prefill_tokens_while_decoding:
+        num_new = min(num_new, config.max_prefill_tokens_while_decoding)
+    if config.max_prefill_pairs_while_decoding:
+        pairs = config.max_prefill_pairs_while_decoding
+        num_new = min(num_new, max(1, (math.isqrt(context * context + 4 * pairs) - context) // 2))
+    return num_new

@@ -27,6 +27,12 @@ from s1serve.parallel.context import ParallelContext
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
+# Most bytes of float32 scores [KV heads, seqs, query heads per KV head, rows, keys] held at once: a group whose
+# scores would be larger attends its query rows in slices (a 2048-token chunk over a 60k context would otherwise
+# hold ~2 GB). Kept under glibc's largest mmap threshold (32 MiB), so that a slice's buffers come back from the
+# heap instead of being mapped and page-faulted in anew for every slice.
+SCORE_BYTES = 16 << 20
+
 
 @dataclass(frozen=True)
 class AttentionGroup:
@@ -36,8 +42,17 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [b, max_blocks] block ids per sequence (padding entries point at block 0)
     token_seq: torch.Tensor  # [t] sequence (within the group) of each token
     token_row: torch.Tensor  # [t] index of each token inside its sequence's query
-    allowed: torch.Tensor  # [b, max_q, max_blocks * block_size] causal mask over the padded keys
+    query_pos: torch.Tensor  # [b, max_q] position of each (padded) query row
+    seq_lens: torch.Tensor  # [b] tokens of each sequence, cached and new
+    allowed: torch.Tensor | None  # [b, max_q, max_blocks * block_size] causal mask; None past SCORE_BYTES / 4
     max_query_len: int
+
+    def mask(self, start: int, stop: int, key_len: int) -> torch.Tensor:
+        """[b, stop - start, key_len]: which keys the query rows start:stop may see."""
+        if self.allowed is not None:
+            return self.allowed[:, start:stop]
+        key_pos = torch.arange(key_len, device=self.seq_lens.device)[None, None, :]
+        return (key_pos <= self.query_pos[:, start:stop, None]) & (key_pos < self.seq_lens[:, None, None])
 
 
 @dataclass(frozen=True)
@@ -115,14 +130,18 @@ def _build_group(
     token_index = torch.tensor([starts[i] for i in members], dtype=torch.long)[token_seq] + token_row
     max_q = int(q_lens.max())
     query_pos = ctx[:, None] + torch.arange(max_q)[None, :]  # [b, Q]
-    key_pos = torch.arange(width * block_size)[None, None, :]
-    allowed = (key_pos <= query_pos[:, :, None]) & (key_pos < seq_lens[:, None, None])
+    allowed = None
+    if len(members) * max_q * width * block_size * 4 <= SCORE_BYTES:  # always so where the scores fit one slice
+        key_pos = torch.arange(width * block_size)[None, None, :]
+        allowed = ((key_pos <= query_pos[:, :, None]) & (key_pos < seq_lens[:, None, None])).to(device)
     return AttentionGroup(
         token_index=token_index.to(device),
         block_tables=table.to(device),
         token_seq=token_seq.to(device),
         token_row=token_row.to(device),
-        allowed=allowed.to(device),
+        query_pos=query_pos.to(device),
+        seq_lens=seq_lens.to(device),
+        allowed=allowed,
         max_query_len=max_q,
     )
 
@@ -147,7 +166,8 @@ def _attend_group(q: torch.Tensor, cache: KVCache, group: AttentionGroup, scale:
     """Attention of one group's tokens q [t, H, D] (in group order) over their sequences' cached keys.
 
     Keys are gathered whole blocks at a time into [KVH, B, S, D] with S = blocks x block_size (contiguous, so
-    the matmul needs no copy; masking covers the tail), and the query heads sharing a KV head become extra rows.
+    the matmul needs no copy; masking covers the tail). Query rows go through in slices whose scores stay within
+    SCORE_BYTES; each row's result is the same in any slice (row-invariant kernels, a softmax per row).
     """
     k_cache, v_cache = cache
     kv_heads, _, block_size, head_dim = k_cache.shape
@@ -155,25 +175,45 @@ def _attend_group(q: torch.Tensor, cache: KVCache, group: AttentionGroup, scale:
     heads = q.shape[1]
     group_size, q_len, s_len = heads // kv_heads, group.max_query_len, width * block_size
     blocks = group.block_tables.flatten()
-    keys = k_cache.index_select(1, blocks).view(kv_heads, num_seqs, s_len, head_dim)
-    values = v_cache.index_select(1, blocks).view(kv_heads, num_seqs, s_len, head_dim)
+    keys = k_cache.index_select(1, blocks).view(kv_heads, num_seqs, s_len, head_dim).to(q.dtype)
+    values = v_cache.index_select(1, blocks).view(kv_heads, num_seqs, s_len, head_dim).to(q.dtype)
 
     if q_len == 1:
-        padded = q.view(num_seqs, 1, heads, head_dim)
+        out = _attend_rows(q.view(num_seqs, 1, kv_heads, group_size, head_dim), keys, values, group.mask(0, 1, s_len),
+                           scale)
+        return out.view(num_seqs, heads, head_dim)
+    padded = q.new_zeros(num_seqs, q_len, heads, head_dim)
+    padded[group.token_seq, group.token_row] = q
+    padded = padded.view(num_seqs, q_len, kv_heads, group_size, head_dim)
+    rows = max(1, SCORE_BYTES // (kv_heads * num_seqs * group_size * s_len * 4))
+    if rows >= q_len:
+        out = _attend_rows(padded, keys, values, group.mask(0, q_len, s_len), scale)
     else:
-        padded = q.new_zeros(num_seqs, q_len, heads, head_dim)
-        padded[group.token_seq, group.token_row] = q
-    # [KVH, B, group*Q, D]: the query heads that share a KV head become extra rows of one matmul.
-    grouped = padded.view(num_seqs, q_len, kv_heads, group_size, head_dim).permute(2, 0, 3, 1, 4)
-    grouped = grouped.reshape(kv_heads, num_seqs, group_size * q_len, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2).to(q.dtype)) * scale  # [KVH, B, group*Q, S]
+        out = torch.empty_like(padded).view(num_seqs, q_len, heads, head_dim)
+        for start in range(0, q_len, rows):
+            stop = min(start + rows, q_len)
+            out[:, start:stop] = _attend_rows(padded[:, start:stop], keys, values, group.mask(start, stop, s_len),
+                                              scale)
+    return out[group.token_seq, group.token_row]
+
+
+def _attend_rows(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """queries [B, r, KVH, group, D] over keys/values [KVH, B, S, D] under allowed [B, r, S]: [B, r, H, D].
+
+    The query heads that share a KV head become extra rows of one matmul: scores [KVH, B, group*r, S].
+    """
+    num_seqs, q_len, kv_heads, group_size, head_dim = queries.shape
+    s_len = keys.shape[2]
+    grouped = queries.permute(2, 0, 3, 1, 4).reshape(kv_heads, num_seqs, group_size * q_len, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale
     scores = scores.view(kv_heads, num_seqs, group_size, q_len, s_len).float()
-    scores = scores.masked_fill(~group.allowed[None, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kv_heads, num_seqs, group_size * q_len, s_len)
-    out = torch.matmul(probs, values.to(q.dtype))  # [KVH, B, group*Q, D]
+    scores = scores.masked_fill(~allowed[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(queries.dtype).view(kv_heads, num_seqs, group_size * q_len, s_len)
+    out = torch.matmul(probs, values)  # [KVH, B, group*r, D]
     out = out.view(kv_heads, num_seqs, group_size, q_len, head_dim).permute(1, 3, 0, 2, 4)
-    out = out.reshape(num_seqs, q_len, heads, head_dim)
-    return out.view(num_seqs, heads, head_dim) if q_len == 1 else out[group.token_seq, group.token_row]
+    return out.reshape(num_seqs, q_len, kv_heads * group_size, head_dim)
 
 
 def kv_head_range(cfg: TextConfig, ctx: ParallelContext) -> range:

@@ -84,3 +84,51 @@ def test_a_sequence_alone_that_outgrows_the_cache_is_infeasible():
     out = sched.schedule()
     assert out.infeasible == [a] and out.scheduled == [] and a.status is SequenceStatus.FINISHED
     assert sched.blocks.num_free_blocks == 2
+
+
+
+def prefill_beside_a_decode(sched: Scheduler, prompt_len: int, decode_until: int) -> list[tuple[int, int]]:
+    """(context, chunk) of each step of a long prompt's prefill, with a short sequence decoding beside it until
+    the prompt reaches `decode_until` computed tokens (then the short one ends)."""
+    short = add(sched, 10)
+    step(sched)  # its prompt computed: it decodes from now on
+    long = add(sched, prompt_len)
+    chunks = []
+    while long.num_computed_tokens < prompt_len:
+        if short.status is SequenceStatus.RUNNING and long.num_computed_tokens >= decode_until:
+            sched.remove(short)
+        context, decoding = long.num_computed_tokens, short.status is SequenceStatus.RUNNING
+        scheduled = step(sched)
+        assert scheduled.get(id(short)) == (1 if decoding else None)  # the decode runs in every step
+        chunks.append((context, scheduled[id(long)]))
+    return chunks
+
+
+def test_a_lone_long_prompt_prefills_at_the_full_budget():
+    sched = make(num_blocks=5000, max_num_batched_tokens=2048)
+    long = add(sched, 60000)
+    while long.num_computed_tokens < 29 * 2048:  # up to 59k tokens of context, each chunk is the whole budget
+        assert step(sched) == {id(long): 2048}
+
+
+def test_prompt_chunks_beside_a_decode_stay_within_the_token_and_pair_bounds():
+    sched = make(num_blocks=5000, max_num_batched_tokens=2048)  # defaults: 256 tokens, 2**18 pairs
+    chunks = prefill_beside_a_decode(sched, 60000, decode_until=60000)
+    assert chunks[0] == (0, 256)  # the token bound
+    assert all(n * (context + n) <= 1 << 18 for context, n in chunks)
+    assert {n for context, n in chunks[:-1] if context >= 50000} == {5, 4}  # 4-5 tokens over a 50-60k context
+    assert len(chunks) > 5000
+
+
+def test_prompt_chunks_take_the_full_budget_again_once_no_one_decodes():
+    sched = make(num_blocks=5000, max_num_batched_tokens=2048)
+    chunks = prefill_beside_a_decode(sched, 60000, decode_until=40000)
+    late = [n for context, n in chunks if context >= 40000]
+    assert late[0] == 2048 and set(late[:-1]) == {2048}
+
+
+def test_without_bounds_a_chunk_beside_a_decode_takes_the_rest_of_the_budget():
+    sched = make(num_blocks=5000, max_num_batched_tokens=2048, max_prefill_tokens_while_decoding=0,
+                 max_prefill_pairs_while_decoding=0)
+    chunks = prefill_beside_a_decode(sched, 60000, decode_until=60000)
+    assert {n for _, n in chunks[:-1]} == {2047}
