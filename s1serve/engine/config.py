@@ -19,6 +19,9 @@ class EngineConfig:
     mm_processor_cache_gb: float = 4.0  # GiB of vision features kept for reuse by later requests (0: none)
     max_num_queued_reqs: int | None = None  # requests waiting beyond a full batch; None: 4 x max_num_seqs
     max_num_queued_tokens: int | None = None  # prompt tokens waiting; None: the KV cache's capacity in tokens
+    speculative_ngram_tokens: int = 0  # drafts proposed by n-gram (prompt lookup) per decode step; 0: off
+    prompt_lookup_max: int = 4  # longest suffix n-gram looked up for a draft
+    prompt_lookup_min: int = 2  # shortest
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -27,8 +30,18 @@ class EngineConfig:
                 raise ValueError(f"{flag(name)} must be an integer >= 1, got {value!r}")
 
         for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
-                     "max_num_queued_tokens"):
+                     "max_num_queued_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             positive(name)
+        if (not isinstance(self.speculative_ngram_tokens, int) or isinstance(self.speculative_ngram_tokens, bool)
+                or self.speculative_ngram_tokens < 0):
+            raise ValueError(
+                f"{flag('speculative_ngram_tokens')} must be an integer >= 0 (0: off), got {self.speculative_ngram_tokens!r}"
+            )
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"{flag('prompt_lookup_min')} ({self.prompt_lookup_min}) must not exceed "
+                f"{flag('prompt_lookup_max')} ({self.prompt_lookup_max})"
+            )
         if self.max_num_queued_reqs is not None and (
             not isinstance(self.max_num_queued_reqs, int) or isinstance(self.max_num_queued_reqs, bool)
             or self.max_num_queued_reqs < 0
@@ -66,6 +79,10 @@ _HELP = {
     "answered 429 with Retry-After (default: 4 x --max-num-seqs)",
     "max_num_queued_tokens": "prompt tokens that may wait to be computed; more are answered 429 with Retry-After "
     "(default: the KV cache's capacity in tokens)",
+    "speculative_ngram_tokens": "n-gram (prompt lookup) speculative decoding: up to this many draft tokens, copied "
+    "from what followed an earlier occurrence of the sequence's last tokens, verified in one forward; 0 turns it off",
+    "prompt_lookup_max": "longest n-gram of the sequence's last tokens looked up for drafts",
+    "prompt_lookup_min": "shortest n-gram of the sequence's last tokens looked up for drafts",
 }
 
 
