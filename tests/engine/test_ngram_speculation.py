@@ -191,3 +191,14 @@ def test_seeded_sampling_with_speculation_is_reproducible(speculating, echoing):
     ]
     prompts = [echoing, REPETITIVE[1]]
     assert _ids(speculating, prompts, params) == _ids(speculating, prompts, params)
+
+
+def test_metrics_export_the_speculation_counts():
+    from s1serve.engine.engine import EngineStats
+    from s1serve.serve.openai.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    metrics.observe_engine(EngineStats(0, 0, 10, 10, 0, 0, 0, spec_draft_tokens=12, spec_accepted_tokens=5))
+    text = metrics.render().decode()
+    assert "s1serve_spec_decode_num_draft_tokens 12.0" in text
+    assert "s1serve_spec_decode_num_accepted_tokens 5.0" in text
