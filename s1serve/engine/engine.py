@@ -1,9 +1,10 @@
 """The synchronous engine core: add requests, step, abort.
 
 One step = schedule -> one forward over the flat batch -> sample the sequences whose known tokens are all
-computed (or verify their draft tokens, speculation.py) -> append, check stops, fork n > 1 requests -> deltas. Nothing here depends on time or threads: the same
-requests added in the same order give the same ids, and a request's ids do not depend on what else is running
-(bf16 kernels on CPU are row-invariant; each request samples from its own generator).
+computed (or verify their draft tokens, speculation.py) -> append, check stops, fork n > 1 requests -> deltas.
+Nothing here depends on time or threads: the same requests added in the same order give the same ids, and a
+request's ids do not depend on what else is running (bf16 kernels on CPU are row-invariant; each request samples
+from its own generator; under speculation a seeded sample's ids may, its distribution not: speculation.py).
 
 The forward runs in a Runner: the model in this process, or (s1serve.distributed) a TP/EP group of ranks driven
 from here, or one DP rank stepping in lock-step with the others. A step with nothing to run calls runner.idle(),
@@ -228,9 +229,8 @@ class Engine:
             self.runner.idle()
             return deltas
 
-        ready = [
-            i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n - len(seq.draft_ids) == seq.num_tokens
-        ]
+        # Sampled (or verifying drafts): the sequences whose known tokens are all computed after this step.
+        ready = [i for i, (s, n) in enumerate(scheduled) if s.num_computed_tokens + n == s.num_tokens + len(s.draft_ids)]
         output = self.runner.execute(step, ready)  # not isolated: a failing forward is the engine's death
         for (seq, n), scores in zip(scheduled, output.prompt_logprobs):
             if seq.request.prompt_logprobs is not None:

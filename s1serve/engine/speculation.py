@@ -34,7 +34,9 @@ def drafts_allowed(params: SamplingParams) -> bool:
 
 class Speculation:
     def __init__(self, config: EngineConfig):
-        self.proposer = NgramProposer(config.speculative_ngram_tokens, config.prompt_lookup_max, config.prompt_lookup_min)
+        self.proposer = NgramProposer(
+            config.speculative_ngram_tokens, config.prompt_lookup_max, config.prompt_lookup_min
+        )
         self.num_draft_tokens = 0  # drafts verified, since start
         self.num_accepted_tokens = 0  # of which accepted
 

@@ -46,7 +46,8 @@ def verify_drafts(
                 accepted += 1
             out.append(draft[:accepted] + [model[accepted]])
         else:
-            out.append(_verify_sampled(draft, [where[start + j] for j in range(len(draft) + 1)], weights, ids, generator))
+            rows = [where[start + j] for j in range(len(draft) + 1)]
+            out.append(_verify_sampled(draft, rows, weights, ids, generator))
         start += len(draft) + 1
     return out
 

@@ -133,7 +133,8 @@ def echoing(plain) -> list[int]:
 def test_greedy_is_identical_with_and_without_speculation(plain, speculating, echoing):
     """The golden prompts, 100 random ones and the repetitive ones in one batch (sequences with and without
     drafts share steps); drafts must have been accepted on the echoing one."""
-    prompts = [echoing] + [p["prompt_ids"] for p in GOLDEN["prompts"]] + random_prompts(100, 1, 40, seed=99) + REPETITIVE
+    golden = [p["prompt_ids"] for p in GOLDEN["prompts"]]
+    prompts = [echoing] + golden + random_prompts(100, 1, 40, seed=99) + REPETITIVE
     before = speculating.engine.stats()
     assert _ids(speculating, prompts) == _ids(plain, prompts)
     after = speculating.engine.stats()
