@@ -121,6 +121,14 @@ def test_sglang_dp_attention_and_kv_tokens():
     assert args.enable_prefix_caching is False
 
 
+def test_vllm_ngram_speculative_config_maps_onto_the_engine_flags():
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    args, _ = vllm([MODEL, "--speculative-config", spec])
+    assert (args.speculative_ngram_tokens, args.prompt_lookup_max, args.prompt_lookup_min) == (4, 3, 3)
+    args, _ = vllm([MODEL])
+    assert args.speculative_ngram_tokens == 0
+
+
 @pytest.mark.parametrize("parse, argv, named", [
     (vllm, [MODEL, "--pipeline-parallel-size", "2"], "--pipeline-parallel-size 2"),
     (vllm, [MODEL, "--served-model-name", "a", "b"], "--served-model-name a b"),
@@ -130,6 +138,8 @@ def test_sglang_dp_attention_and_kv_tokens():
     (vllm, [MODEL, "--unknown-flag", "1"], "--unknown-flag"),
     (sglang, ["--model-path", MODEL, "--tp", "2", "--dp", "4", "--enable-dp-attention"], "--enable-dp-attention"),
     (sglang, ["--model-path", MODEL, "--speculative-algorithm", "EAGLE"], "--speculative-algorithm"),
+    (vllm, [MODEL, "--speculative-config", '{"method": "eagle", "num_speculative_tokens": 3}'], "--speculative-config"),
+    (vllm, [MODEL, "--speculative-config", '{"method": "ngram"}'], "--speculative-config"),
 ])
 def test_a_flag_that_cannot_be_honoured_is_refused_by_name(parse, argv, named, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -23,6 +23,9 @@ class EngineConfig:
     mm_processor_cache_gb: float = 4.0  # GiB of vision features kept for reuse by later requests (0: none)
     max_num_queued_reqs: int | None = None  # requests waiting beyond a full batch; None: 4 x max_num_seqs
     max_num_queued_tokens: int | None = None  # prompt tokens waiting; None: the KV cache's capacity in tokens
+    speculative_ngram_tokens: int = 0  # drafts proposed by n-gram (prompt lookup) per decode step; 0: off
+    prompt_lookup_max: int = 4  # longest suffix n-gram looked up for a draft
+    prompt_lookup_min: int = 2  # shortest
 
     def __post_init__(self) -> None:
         def at_least(name: str, low: int) -> None:
@@ -31,10 +34,16 @@ class EngineConfig:
                 raise ValueError(f"{flag(name)} must be an integer >= {low}, got {value!r}")
 
         for name in ("block_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
-                     "max_num_queued_tokens"):
+                     "max_num_queued_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             at_least(name, 1)
-        for name in ("max_num_queued_reqs", "max_prefill_tokens_while_decoding", "max_prefill_pairs_while_decoding"):
+        for name in ("max_num_queued_reqs", "max_prefill_tokens_while_decoding", "max_prefill_pairs_while_decoding",
+                     "speculative_ngram_tokens"):
             at_least(name, 0)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"{flag('prompt_lookup_min')} ({self.prompt_lookup_min}) must not exceed "
+                f"{flag('prompt_lookup_max')} ({self.prompt_lookup_max})"
+            )
         if not isinstance(self.mm_processor_cache_gb, (int, float)) or self.mm_processor_cache_gb < 0:
             raise ValueError(f"{flag('mm_processor_cache_gb')} must be a number >= 0, got {self.mm_processor_cache_gb!r}")
         if not 0 < self.cache_max_entry_count <= 1:
@@ -71,6 +80,10 @@ _HELP = {
     "answered 429 with Retry-After (default: 4 x --max-num-seqs)",
     "max_num_queued_tokens": "prompt tokens that may wait to be computed; more are answered 429 with Retry-After "
     "(default: the KV cache's capacity in tokens)",
+    "speculative_ngram_tokens": "n-gram (prompt lookup) speculative decoding: up to this many draft tokens, copied "
+    "from what followed an earlier occurrence of the sequence's last tokens, verified in one forward; 0 turns it off",
+    "prompt_lookup_max": "longest n-gram of the sequence's last tokens looked up for drafts",
+    "prompt_lookup_min": "shortest n-gram of the sequence's last tokens looked up for drafts",
 }
 
 

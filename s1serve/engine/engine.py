@@ -1,9 +1,10 @@
 """The synchronous engine core: add requests, step, abort.
 
 One step = schedule -> one forward over the flat batch -> sample the sequences whose known tokens are all
-computed -> append, check stops, fork n > 1 requests -> deltas. Nothing here depends on time or threads: the same
-requests added in the same order give the same ids, and a request's ids do not depend on what else is running
-(bf16 kernels on CPU are row-invariant; each request samples from its own generator).
+computed (or verify their draft tokens, speculation.py) -> append, check stops, fork n > 1 requests -> deltas.
+Nothing here depends on time or threads: the same requests added in the same order give the same ids, and a
+request's ids do not depend on what else is running (bf16 kernels on CPU are row-invariant; each request samples
+from its own generator; under speculation a seeded sample's ids may, its distribution not: speculation.py).
 
 The forward runs in a Runner: the model in this process, or (s1serve.distributed) a TP/EP group of ranks driven
 from here, or one DP rank stepping in lock-step with the others. A step with nothing to run calls runner.idle(),
@@ -38,6 +39,7 @@ from s1serve.engine.outputs import OutputDelta
 from s1serve.engine.prompt_logprobs import PromptLogprobs
 from s1serve.engine.request import Request, Sequence, SequenceStatus
 from s1serve.engine.scheduler import Scheduler
+from s1serve.engine.speculation import Speculation
 from s1serve.engine.text_output import TextOutput, TokenizerDetokenizer
 from s1serve.layers.sampler import Sampler, SamplerOutput, TokenLogprob
 from s1serve.sampling_params import (
@@ -76,7 +78,8 @@ class Engine:
         self.eos_ids = frozenset(defaults.eos_token_ids or fallback_eos)
         self.runner = runner
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks)
+        self.speculation = Speculation(config) if config.speculative_ngram_tokens else None
+        self.scheduler = Scheduler(config, self.blocks, self.speculation.propose if self.speculation else None)
         self.faults = FaultPlan.from_env()  # test-only (faults.py); None unless S1SERVE_TEST_FAULT is set
         self.sampler = Sampler() if self.faults is None else self.faults.sampler(Sampler())
         self.requests: dict[str, Request] = {}
@@ -226,28 +229,35 @@ class Engine:
             self.runner.idle()
             return deltas
 
-        ready = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
+        # Sampled (or verifying drafts): the sequences whose known tokens are all computed after this step.
+        ready = [i for i, (s, n) in enumerate(scheduled) if s.num_computed_tokens + n == s.num_tokens + len(s.draft_ids)]
         output = self.runner.execute(step, ready)  # not isolated: a failing forward is the engine's death
-        logits = output.logits
         for (seq, n), scores in zip(scheduled, output.prompt_logprobs):
             if seq.request.prompt_logprobs is not None:
                 seq.request.prompt_logprobs.add(scores)
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.draft_ids)  # drafts count once accepted
             self.blocks.cache_full_blocks(seq)
 
         samples: list[Sequence] = []
         rows: list[int] = []
-        for row, i in enumerate(ready):
+        verifying: list[tuple[Sequence, int]] = []  # (sequence with drafts, its first logits row)
+        offset = 0
+        for i in ready:
             seq = scheduled[i][0]
-            family = [seq] + self._fork(seq)
-            samples += family
-            rows += [row] * len(family)
+            if seq.draft_ids:
+                verifying.append((seq, offset))
+            else:
+                family = [seq] + self._fork(seq)
+                samples += family
+                rows += [offset] * len(family)
+            offset += 1 + len(seq.draft_ids)
         for seq, _ in scheduled:
             self._release_features(seq.request)
+        if verifying:
+            deltas += self._verify(output.logits, verifying)
         if not samples:
             return deltas
-        if rows != list(range(len(ready))):
-            logits = logits[rows]
+        logits = output.logits if rows == list(range(offset)) else output.logits[rows]
         constrained = [(row, seq.grammar) for row, seq in enumerate(samples) if seq.grammar is not None]
         if constrained:
             logits = logits.clone()  # the runner's logits are inference tensors: no in-place updates
@@ -261,6 +271,46 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 deltas += self._fail(seq.request, exc.stage if isinstance(exc, StageError) else "output", exc)
         return deltas
+
+    def _verify(self, logits: torch.Tensor, verifying: list[tuple[Sequence, int]]) -> list[OutputDelta]:
+        """Verifies the drafts of the sequences in one call (if it raises, one by one, and the requests whose rows
+        fail fail); appends each one's accepted drafts and the model's token, stopping at a stop."""
+        assert self.speculation is not None
+        seqs = [seq for seq, _ in verifying]
+        spans = [list(range(start, start + 1 + len(seq.draft_ids))) for seq, start in verifying]
+        deltas: list[OutputDelta] = []
+        try:
+            verified = dict(enumerate(self.speculation.verify(logits[[r for s in spans for r in s]], seqs)))
+        except Exception:  # noqa: BLE001 - find the sequences that fail
+            verified, errors = per_row(len(seqs), lambda i: self.speculation.verify(logits[spans[i]], [seqs[i]])[0])
+            for i, exc in errors.items():
+                if not seqs[i].finished:
+                    deltas += self._fail(seqs[i].request, "sampler", exc)
+        for i, seq in enumerate(seqs):
+            seq.draft_ids = []
+            if i not in verified or seq.finished:
+                continue
+            try:
+                deltas.append(self._append_run(seq, verified[i]))
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                deltas += self._fail(seq.request, exc.stage if isinstance(exc, StageError) else "output", exc)
+        return deltas
+
+    def _append_run(self, seq: Sequence, tokens: list[int]) -> OutputDelta:
+        """Appends verified tokens (accepted drafts, then the model's) one by one until a stop. The accepted drafts
+        were computed in this step (their KV is the right one), so they count as computed and their full blocks go
+        into the prefix cache; the KV at rejected positions lies past num_computed_tokens and is overwritten."""
+        appended = []
+        for i, token in enumerate(tokens):
+            self._add_token(seq, token, None)
+            appended.append(token)
+            if seq.finished:
+                break
+            if i < len(tokens) - 1:
+                seq.num_computed_tokens += 1
+        if not seq.finished:
+            self.blocks.cache_full_blocks(seq)
+        return self._delta(seq, appended, None)
 
     def _step_sequences(
         self, scheduled: list[tuple[Sequence, int]], deltas: list[OutputDelta]
@@ -330,6 +380,9 @@ class Engine:
     def _step_sequence(self, seq: Sequence, n: int) -> StepSequence:
         """The sequence's part of a step; with the vision features of the media pads among its n new tokens."""
         start = seq.num_computed_tokens
+        if seq.draft_ids:  # decoding: its last token and the drafts to verify
+            tokens = seq.next_tokens(n - len(seq.draft_ids)) + seq.draft_ids
+            return StepSequence(tokens, start, seq.block_table, logits_rows=1 + len(seq.draft_ids))
         prompt_logprobs = seq.request.prompt_logprobs
         scoring = None if prompt_logprobs is None else prompt_logprobs.rows(start, n)
         rows, embeds = [], []
@@ -381,6 +434,11 @@ class Engine:
         return children
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> OutputDelta:
+        self._add_token(seq, token, logprob)
+        return self._delta(seq, [token], logprob)
+
+    def _add_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        """Appends one token and ends the sample if it stops it."""
         request, params = seq.request, seq.request.params
         seq.token_ids.append(token)
         if seq.grammar is not None:
@@ -401,7 +459,6 @@ class Engine:
             seq.num_tokens >= request.max_len
         ):
             self._finish(seq, "length")
-        return self._delta(seq, [token], logprob)
 
     def _fail(self, request: Request, stage: str, exc: BaseException) -> list[OutputDelta]:
         """Ends every unfinished sample of `request` with finish_reason "error" (their blocks freed); their
@@ -479,6 +536,8 @@ class Engine:
             prefix_hit_tokens=self.blocks.prefix_hits,
             mm_cache_queries=self.feature_cache.queries,
             mm_cache_hits=self.feature_cache.hits,
+            spec_draft_tokens=self.speculation.num_draft_tokens if self.speculation else 0,
+            spec_accepted_tokens=self.speculation.num_accepted_tokens if self.speculation else 0,
         )
 
 
@@ -493,3 +552,5 @@ class EngineStats:
     prefix_hit_tokens: int  # of which found
     mm_cache_queries: int = 0  # media items looked up in the vision-feature cache, since start
     mm_cache_hits: int = 0  # of which found (not encoded again)
+    spec_draft_tokens: int = 0  # draft tokens verified (n-gram speculation), since start
+    spec_accepted_tokens: int = 0  # of which accepted

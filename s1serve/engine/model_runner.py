@@ -1,8 +1,9 @@
 """Runs one forward over a flat batch of sequences (prefill chunks and decode tokens together).
 
 Each sequence in a step brings its new token ids, the number of its tokens already cached, and its block table;
-the runner returns the logits of the last new token of the sequences that asked for them, and the scores of the
-prompt rows a sequence asks to have scored (prompt logprobs, scored from the same full-vocabulary logits).
+the runner returns the logits of the last new token of the sequences that asked for them (of the last 1 + k new
+tokens of a sequence verifying k draft tokens), and the scores of the prompt rows a sequence asks to have scored
+(prompt logprobs, scored from the same full-vocabulary logits).
 
 `Runner` is what the engine needs of a runner. `ModelRunner` runs the model in this process; the runners of
 s1serve.distributed implement the same interface over many ranks: one that broadcasts each step to the other
@@ -36,11 +37,12 @@ class StepSequence:
     media_rows: tuple[int, ...] = ()  # which of the new tokens are image/video pads (offsets into token_ids)
     media_embeds: torch.Tensor | None = None  # [len(media_rows), hidden]: their vision features, in that order
     prompt_scoring: PromptScoring | None = None  # rows whose logits score the next prompt token (prompt logprobs)
+    logits_rows: int = 1  # when it samples: logits of its last this-many new tokens (1 + drafts when verifying)
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    logits: torch.Tensor  # float32 [len(logits_for), vocab]: the last new token's of the sequences that sample
+    logits: torch.Tensor  # float32 [rows, vocab]: the last logits_rows new tokens' of each sequence that samples
     prompt_logprobs: list[list[TokenLogprob]]  # per step sequence: the scores of its prompt_scoring rows, else []
 
 
@@ -131,11 +133,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, seqs: list[StepSequence], logits_for: list[int]) -> StepOutput:
-        """Runs the step: logits at the last new token of the sequences `logits_for`, and the prompt rows' scores.
-        (TP followers run the same calls, so that every rank meets the lm_head's all-gathers.)"""
+        """Runs the step: logits at the last logits_rows new tokens of the sequences `logits_for`, in order, and
+        the prompt rows' scores. (TP followers run the same calls, so that every rank meets the lm_head's
+        all-gathers.)"""
         hidden = self.hidden_states(seqs)
-        ends = torch.cumsum(torch.tensor([len(s.token_ids) for s in seqs]), 0) - 1
-        logits = self.model.compute_logits(hidden[ends[logits_for].to(self.device)])
+        ends = torch.cumsum(torch.tensor([len(s.token_ids) for s in seqs]), 0).tolist()
+        rows = [r for i in logits_for for r in range(ends[i] - seqs[i].logits_rows, ends[i])]
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long).to(self.device)])
         vocab = self.model.config.text.vocab_size
         return StepOutput(logits, score_prompt_rows(hidden, seqs, self.model.compute_logits, vocab))
 

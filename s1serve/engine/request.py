@@ -76,6 +76,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended the sample
     grammar: Matcher | None = None  # follows the request's constraint token by token
+    draft_ids: list[int] = field(default_factory=list)  # drafts scheduled after its last token, this step only
 
     @property
     def num_tokens(self) -> int:

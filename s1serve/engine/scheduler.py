@@ -4,17 +4,21 @@ Running sequences go first, oldest first: each gets its next token (decode) or i
 token budget per step. (A sequence is only admitted behind a prompt chunk that completed its prompt, so the
 decoding sequences always come before the prefilling ones and no prompt chunk can starve a decode.) When blocks run out, the newest running sequence is preempted: its blocks are freed and it
 goes back to the head of the queue, to be recomputed later from its tokens (the prefix cache usually keeps most
-of them). Then waiting sequences are admitted first come, first served while budget, blocks and the sequence cap
+of them). A decoding sequence may bring draft tokens to verify (speculative decoding): they count against the
+budget and get blocks like any new token, and are dropped (not preempted for) when budget or blocks lack.
+Then waiting sequences are admitted first come, first served while budget, blocks and the sequence cap
 allow; a long prompt is split into chunks over several steps. In a step where some sequences decode, each
 prompt chunk is also held within a token and an attention-cost bound (chunk_beside_decodes), so a long prompt
-does not stretch their inter-token latency; without decodes a chunk takes the whole budget. A sequence alone that cannot get a block even
-after every other one was preempted has outgrown the cache: it is reported as infeasible.
+does not stretch their inter-token latency; without decodes a chunk takes the whole budget. A sequence alone
+that cannot get a block even after every other one was preempted has outgrown the cache: it is reported as
+infeasible.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from s1serve.engine.block_manager import BlockManager
@@ -24,15 +28,20 @@ from s1serve.engine.request import Sequence, SequenceStatus
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens to compute)
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens incl. its drafts)
     preempted: list[Sequence] = field(default_factory=list)
     infeasible: list[Sequence] = field(default_factory=list)  # out of KV capacity on their own
 
 
+# A running sequence and the most drafts the step has room for -> its drafts (none when it is not decoding).
+Proposer = Callable[[Sequence, int], list[int]]
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, propose: Proposer | None = None):
         self.config = config
         self.blocks = block_manager
+        self.propose = propose
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -64,6 +73,8 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if decoding:
                 num_new = chunk_beside_decodes(num_new, seq.num_computed_tokens, self.config)
+            seq.draft_ids = self._drafts(seq, num_new, budget)
+            num_new += len(seq.draft_ids)
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
                 break
             out.scheduled.append((seq, num_new))
@@ -96,6 +107,14 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def _drafts(self, seq: Sequence, num_new: int, budget: int) -> list[int]:
+        if self.propose is None or budget <= num_new:
+            return []
+        drafts = self.propose(seq, budget - num_new)
+        if drafts and not self.blocks.can_grow(seq, seq.num_computed_tokens + num_new + len(drafts)):
+            return []
+        return drafts
+
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Grows seq to num_tokens, preempting the newest running sequences as needed; False if seq itself went."""
         while not self.blocks.can_grow(seq, num_tokens):
@@ -113,6 +132,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.blocks.free(seq)
+        seq.draft_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -146,6 +146,10 @@ VLLM: tuple[Flag, ...] = COMMON_VALUE_FLAGS + (
     Flag(("--mm-processor-cache-gb",), "--mm-processor-cache-gb", options={"type": float, "default": None}),
     Flag(("--limit-mm-per-prompt",), "--limit-mm-per-prompt",
          options={"default": None, "help": 'JSON, e.g. \'{"image": 4, "video": 1}\''}),
+    Flag(("--speculative-config",),
+         note="method ngram only: --speculative-ngram-tokens num_speculative_tokens, --prompt-lookup-max/min",
+         options={"default": None, "help": 'JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                  '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\''}),
 )
 
 SGLANG: tuple[Flag, ...] = COMMON_VALUE_FLAGS + (
@@ -296,6 +300,12 @@ def derive_vllm(ns: argparse.Namespace, argv: list[str], parser: argparse.Argume
     if ns.pipeline_parallel_size != 1:
         fail(f"--pipeline-parallel-size {ns.pipeline_parallel_size}: s1serve has no pipeline parallelism (only 1)")
     out = _translate(ns, VLLM, parser, argv, internal, ns.model)
+    if ns.speculative_config:
+        try:
+            for name, value in _vllm_ngram(_json_object("--speculative-config", ns.speculative_config)):
+                out.add(name, value)
+        except ValueError as exc:
+            fail(str(exc))
     tp, dp = ns.tensor_parallel_size, ns.data_parallel_size
     if ns.enable_expert_parallel:
         out.add("--ep", tp * dp)
@@ -320,6 +330,23 @@ def derive_vllm(ns: argparse.Namespace, argv: list[str], parser: argparse.Argume
         if ns.headless:
             out.add("--headless")
     return out
+
+
+def _vllm_ngram(config: dict) -> list[tuple[str, int]]:
+    """vLLM's n-gram speculative config as s1serve flags; a lookup bound given alone is both bounds, none: 5 and 5
+    (vLLM's defaults)."""
+    if config.get("method") != "ngram":
+        raise ValueError(f"--speculative-config: method {config.get('method')!r}: s1serve speculates with "
+                         "\"ngram\" only (prompt lookup; no draft model)")
+    unknown = set(config) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    if unknown:
+        raise ValueError(f"--speculative-config: {', '.join(sorted(unknown))} not supported with method ngram")
+    k = config.get("num_speculative_tokens")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"--speculative-config: num_speculative_tokens must be an integer >= 1, got {k!r}")
+    high, low = config.get("prompt_lookup_max"), config.get("prompt_lookup_min")
+    high, low = high or low or 5, low or high or 5
+    return [("--speculative-ngram-tokens", k), ("--prompt-lookup-max", high), ("--prompt-lookup-min", low)]
 
 
 def derive_sglang(ns: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser,

@@ -68,6 +68,12 @@ class ServerMetrics:
             "s1serve_mm_cache_hits", "Images/videos whose features came from the cache (not encoded again)",
             registry=self.registry,
         )
+        self.spec_draft_tokens = Gauge(
+            "s1serve_spec_decode_num_draft_tokens", "Draft tokens verified (n-gram speculation)", registry=self.registry
+        )
+        self.spec_accepted_tokens = Gauge(
+            "s1serve_spec_decode_num_accepted_tokens", "Draft tokens accepted (n-gram speculation)", registry=self.registry
+        )
 
     @contextmanager
     def counted(self, endpoint: str) -> Iterator[Outcome]:
@@ -103,6 +109,8 @@ class ServerMetrics:
         self.prefix_hit_tokens.set(stats.prefix_hit_tokens)
         self.mm_cache_queries.set(stats.mm_cache_queries)
         self.mm_cache_hits.set(stats.mm_cache_hits)
+        self.spec_draft_tokens.set(stats.spec_draft_tokens)
+        self.spec_accepted_tokens.set(stats.spec_accepted_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
