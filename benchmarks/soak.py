@@ -9,10 +9,11 @@ constrained by a JSON schema, streamed completions with n=2, and a share of each
 and its child processes (/proc), the KV-cache usage and running/waiting gauges from /metrics.
 
 At the end it prints the samples, the least-squares slope of RSS (MiB per minute) and of KV usage over the run's
-second half (the first half includes warm-up: caches filling, pools growing), and the accounting: every request
-sent is either answered (200, checked: text present, JSON valid where constrained), abandoned by us, or a counted
-error with its status. It exits 1 if a request is unaccounted for (no answer and no error before the client
-timeout) or a 5xx came back.
+second half (the first half includes warm-up: caches filling, pools growing), the RSS slope over the second
+half's samples taken with nothing running (the others also hold the running steps' passing tensors), and the
+accounting: every request sent is either answered (200, checked: text present, JSON valid where constrained),
+abandoned by us, or a counted error with its status. It exits 1 if a request is unaccounted for (no answer and
+no error before the client timeout) or a 5xx came back.
 """
 
 from __future__ import annotations
@@ -207,6 +208,11 @@ def report(sent: int, tally: Tally, samples: list[dict]) -> int:
         if points:
             print(f"{key}: first {samples[0].get(key, float('nan')):.3f}, last {samples[-1][key]:.3f}, "
                   f"second-half slope {slope_per_minute(points):+.4f} per minute")
+    # A sample taken while requests run also holds their steps' passing tensors; the idle ones show what stays.
+    idle = [(s["t"], s["rss_mib"]) for s in half if "rss_mib" in s and s.get("s1serve_num_requests_running") == 0]
+    if len(idle) >= 2:
+        print(f"rss_mib at the {len(idle)} second-half samples with nothing running: "
+              f"slope {slope_per_minute(idle):+.4f} per minute")
     last = samples[-1]
     print(f"after the run: kv usage {last.get('s1serve_kv_cache_usage_ratio')}, running "
           f"{last.get('s1serve_num_requests_running')}, waiting {last.get('s1serve_num_requests_waiting')}")
