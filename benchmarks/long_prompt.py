@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak import start_server  # noqa: E402
+from soak import with_server  # noqa: E402
 
 DEFAULT_MODEL = Path(os.environ.get("S1SERVE_CACHE", Path.home() / ".cache" / "s1serve")) / "soak-tiny-seed0"
 VOCAB_LOW, VOCAB_HIGH = 1000, 150000  # ordinary token ids of the tiny checkpoint's vocabulary
@@ -159,17 +158,8 @@ def main() -> int:
     parser.add_argument("--startup-wait", type=float, default=900, help="seconds the server may take to be healthy")
     args = parser.parse_args()
     extra = ["--max-model-len", "65536", "--no-enable-prefix-caching", *args.server_arg]
-    proc = start_server(args.model, args.port, extra, args.startup_wait)
-    try:
-        url = f"http://127.0.0.1:{args.port}"
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        return asyncio.run(drive(url, model, args, proc.pid))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return with_server(args.model, args.port, extra, lambda url, model, pid: drive(url, model, args, pid),
+                       args.startup_wait)
 
 
 if __name__ == "__main__":

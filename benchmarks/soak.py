@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,6 +222,22 @@ def report(sent: int, tally: Tally, samples: list[dict]) -> int:
     return 0 if accounted == sent and bad == 0 else 1
 
 
+def with_server(model: Path, port: int, extra: list[str], run: Callable[[str, str, int], Awaitable[int]],
+                wait: float = 300) -> int:
+    """Starts the api_server, awaits run(url, served model name, server pid), stops the server; run's status."""
+    proc = start_server(model, port, extra, wait)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        served = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        return asyncio.run(run(url, served, proc.pid))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def start_server(model: Path, port: int, extra: list[str], wait: float = 300) -> subprocess.Popen:
     """Starts the api_server and returns once /health answers 200 (within `wait` seconds, else exits)."""
     if not (model / "config.json").exists():
@@ -260,17 +277,7 @@ def main() -> int:
     if args.url:
         model = httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]
         return asyncio.run(drive(args.url, model, args, None))
-    proc = start_server(args.model, args.port, args.server_arg)
-    try:
-        url = f"http://127.0.0.1:{args.port}"
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        return asyncio.run(drive(url, model, args, proc.pid))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return with_server(args.model, args.port, args.server_arg, lambda url, model, pid: drive(url, model, args, pid))
 
 
 if __name__ == "__main__":
