@@ -9,6 +9,10 @@ rows. The kernel is row-invariant, so batching never changes a sequence's result
 
 Weights stay unpacked, and take PyTorch, where the kernel does not apply: float32 or other devices, a CPU without
 AVX512-BF16, output features not a multiple of 64, a failed build, or S1SERVE_CPU_KERNELS=0.
+
+Where the CPU has AMX-BF16 the kernel runs every call on the tile unit instead of AVX-512 (same packed weights; see
+the source): prefill and batched decode steps stop being bound by AVX-512's multiply rate. S1SERVE_CPU_AMX=0 keeps
+AVX-512. The two round differently, so the choice is made once per process, when the kernels load.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch.nn import functional as F
 log = logging.getLogger("s1serve.kernels")
 SOURCE = Path(__file__).with_name("bf16_matmul.cpp")
 ENV_SWITCH = "S1SERVE_CPU_KERNELS"
+AMX_SWITCH = "S1SERVE_CPU_AMX"
 BLOCK_N = 64  # output columns per packed block (bf16_matmul.cpp)
 
 
@@ -41,6 +46,10 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_has_avx512_bf16() -> bool:
     return "avx512_bf16" in cpu_flags()
+
+
+def cpu_has_amx_bf16() -> bool:
+    return {"amx_bf16", "amx_tile"} <= cpu_flags()
 
 
 @functools.cache
@@ -60,7 +69,7 @@ def bf16_kernels() -> ModuleType | None:
     except ImportError:
         pass
     try:
-        return load(
+        module = load(
             name="s1serve_bf16_matmul",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
@@ -70,6 +79,10 @@ def bf16_kernels() -> ModuleType | None:
     except Exception as exc:  # no compiler, no ninja: run, slower, on PyTorch
         log.warning("could not build the CPU bf16 kernels (%s): bf16 matmuls use PyTorch", exc)
         return None
+    wanted = cpu_has_amx_bf16() and os.environ.get(AMX_SWITCH, "1") != "0"
+    if module.set_amx(wanted) != wanted:
+        log.warning("the OS refused the AMX tile state: bf16 matmuls use AVX-512")
+    return module
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -169,6 +182,6 @@ from s1serve.layers.kernels.fp8 import (  # noqa: E402
 )
 
 __all__ = [
-    "bf16_kernels", "cpu_flags", "cpu_has_avx512_bf16", "cpu_has_avx512_vbmi", "fp8_grouped_linear", "fp8_kernels",
-    "fp8_linear", "grouped_linear", "is_fp8_packed", "is_packed", "linear", "pack", "pack_fp8", "pack_weights",
+    "bf16_kernels", "cpu_flags", "cpu_has_amx_bf16", "cpu_has_avx512_bf16", "cpu_has_avx512_vbmi", "fp8_grouped_linear",
+    "fp8_kernels", "fp8_linear", "grouped_linear", "is_fp8_packed", "is_packed", "linear", "pack", "pack_fp8", "pack_weights",
 ]

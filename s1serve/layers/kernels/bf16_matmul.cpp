@@ -8,12 +8,22 @@
 // Row-invariant by construction: every output is one float32 lane accumulated over the k pairs in order, whatever
 // M, the tiling or the threads; so a sequence's result never depends on what else is in the batch.
 //
+// On CPUs with AMX (set_amx, called once from Python), every call instead runs on the tile unit, from the same packed
+// layout: a B tile is 16 k pairs x 16 columns of a block (row stride 256 bytes), an A tile 16 rows x 32 k of x, and
+// each tdpbf16ps adds 16 x 16 x 32 products. That is 16x the products per instruction of vdpbf16ps, so steps with
+// many rows (prefill, a full decode batch) stop being compute-bound; with one row it still streams the weight at
+// memory speed. Also row-invariant: a row's sums depend only on that row, whatever the rows beside it in the tile
+// (the tile unit sums each row's products in its own fixed order). The two paths round differently, so one process
+// uses one of them for every call; it needs K a multiple of 32 (else the AVX-512 path takes the call).
+//
 // FP8 weights (W8A16, the second half of this file) are decoded to exactly the bf16 values bf16(fp8 * scale) that
 // s1serve.checkpoint.fp8.dequantize gives, in registers, and then take the same vdpbf16ps steps in the same order:
 // their results are bitwise those of the bf16 kernel on the dequantized weight, at half the bytes read.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -77,6 +87,96 @@ void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the packed weight ", K);
 }
 
+// ---- AMX tiles ----
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+constexpr int TILE_ROWS = 16;  // rows of x per A tile
+constexpr int64_t TILE_K = 32;  // k per tdpbf16ps (16 pairs)
+bool amx_enabled = false;
+
+// The tile configuration (palette 1): tiles 0-3 the sums of 4 x 16 columns for `rows` rows, tile 4 the rows of x,
+// tiles 5 and 6 the weight (16 pairs x 16 columns each, loaded alternately).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Configures this thread's tiles for `rows` rows (1..16) unless they already are; `configured` is the caller's
+// record of this thread's current setting within one parallel region (other code may reconfigure between calls).
+inline void configure(int rows, int& configured) {
+  if (rows == configured) return;
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = rows, cfg.colsb[t] = 64;
+  cfg.rows[4] = rows, cfg.colsb[4] = 64;
+  for (int t = 5; t < 7; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  configured = rows;
+}
+
+// Up to 16 rows of x (stride ldx) times one packed block (64 columns): the tiles configured for `rows` rows.
+template <typename Out>
+void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, int rows) {
+  constexpr int64_t pair_stride = 2 * BLOCK_N * sizeof(bf16);  // bytes from one k pair's row to the next
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < K; k += TILE_K) {
+    const bf16* wk = w + k * BLOCK_N;  // k / 2 pairs in, 2 * BLOCK_N values each
+    _tile_loadd(4, x + k, ldx * sizeof(bf16));
+    _tile_loadd(5, wk, pair_stride);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, wk + 32, pair_stride);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, wk + 64, pair_stride);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, wk + 96, pair_stride);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+  alignas(64) float sums[TILE_ROWS * BLOCK_N];
+  _tile_stored(0, sums, BLOCK_N * sizeof(float));
+  _tile_stored(1, sums + 16, BLOCK_N * sizeof(float));
+  _tile_stored(2, sums + 32, BLOCK_N * sizeof(float));
+  _tile_stored(3, sums + 48, BLOCK_N * sizeof(float));
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < 4; ++j) store16(y + i * ldy + 16 * j, _mm512_load_ps(sums + i * BLOCK_N + 16 * j));
+}
+
+// All M rows of x times one packed block on the tiles: full tiles of 16 rows, then the remainder.
+template <typename Out>
+void amx_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy,
+                          int& configured) {
+  for (int64_t m = 0; m < M; m += TILE_ROWS) {
+    const int rows = static_cast<int>(std::min<int64_t>(TILE_ROWS, M - m));
+    configure(rows, configured);
+    amx_tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, rows);
+  }
+}
+
+#pragma GCC pop_options
+
+// Asks the kernel for the AMX tile state (Linux gives it to a process only on request).
+bool request_amx() {
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+inline bool amx_applies(int64_t K) { return amx_enabled && K % TILE_K == 0; }
+
+// The rows of one block on whichever path this process uses.
+template <typename Out>
+inline void any_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy,
+                                 int& configured) {
+  if (amx_applies(K))
+    amx_rows_times_block(x, M, ldx, w, K, y, ldy, configured);
+  else
+    rows_times_block(x, M, ldx, w, K, y, ldy);
+}
+
 }  // namespace
 
 template <typename Out>
@@ -87,11 +187,14 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& 
   Out* yp = y.data_ptr<Out>();
   const int64_t ldx = x.stride(0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) rows_times_block(xp, M, ldx, wp + b * BLOCK_N * K, K, yp + b * BLOCK_N, N);
+    int configured = 0;
+    for (int64_t b = b0; b < b1; ++b)
+      any_rows_times_block(xp, M, ldx, wp + b * BLOCK_N * K, K, yp + b * BLOCK_N, N, configured);
   });
 }
 
-// Runs fn(e, b, r0, r1), in parallel, for each column block b of each expert e that received rows r0..r1 of x.
+// Runs fn(e, b, r0, r1, configured), in parallel, for each column block b of each expert e that received rows r0..r1
+// of x (`configured`: the tile setting of the thread running it, see configure).
 template <typename Fn>
 void for_expert_blocks(const torch::Tensor& ends, int64_t R, int64_t blocks, const Fn& fn) {
   const int64_t* endp = ends.data_ptr<int64_t>();
@@ -106,7 +209,9 @@ void for_expert_blocks(const torch::Tensor& ends, int64_t R, int64_t blocks, con
     start = endp[e];
   }
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) fn(items[i].first, items[i].second, starts[items[i].first], endp[items[i].first]);
+    int configured = 0;
+    for (int64_t i = i0; i < i1; ++i)
+      fn(items[i].first, items[i].second, starts[items[i].first], endp[items[i].first], configured);
   });
 }
 
@@ -116,8 +221,9 @@ void grouped_into(const torch::Tensor& x, const torch::Tensor& w, const torch::T
   const bf16* xp = x.data_ptr<bf16>();
   const bf16* wp = w.data_ptr<bf16>();
   Out* yp = y.data_ptr<Out>();
-  for_expert_blocks(ends, x.size(0), blocks, [&](int64_t e, int64_t b, int64_t r0, int64_t r1) {
-    rows_times_block(xp + r0 * ldx, r1 - r0, ldx, wp + (e * blocks + b) * BLOCK_N * K, K, yp + r0 * N + b * BLOCK_N, N);
+  for_expert_blocks(ends, x.size(0), blocks, [&](int64_t e, int64_t b, int64_t r0, int64_t r1, int& configured) {
+    any_rows_times_block(xp + r0 * ldx, r1 - r0, ldx, wp + (e * blocks + b) * BLOCK_N * K, K,
+                         yp + r0 * N + b * BLOCK_N, N, configured);
   });
 }
 
@@ -263,11 +369,13 @@ const bf16* decode_block(const uint8_t* w, const float* scales, int64_t K) {
 
 // The 64 columns of one packed fp8 block for all M rows of x. Decoding in registers costs each tile of rows a
 // little; decoding into a buffer (written, then read from cache) costs more, but once: it wins past DECODE_ONCE_ROWS.
+// Where the bf16 path runs on AMX the block is always decoded into the buffer, so that the results stay bitwise the
+// bf16 path's.
 template <typename Out>
 void fp8_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const uint8_t* w, const float* scales, int64_t K,
-                          Out* y, int64_t ldy) {
-  if (M > DECODE_ONCE_ROWS) {
-    rows_times_block(x, M, ldx, decode_block(w, scales, K), K, y, ldy);
+                          Out* y, int64_t ldy, int& configured) {
+  if (amx_applies(K) || M > DECODE_ONCE_ROWS) {
+    any_rows_times_block(x, M, ldx, decode_block(w, scales, K), K, y, ldy, configured);
     return;
   }
   static_assert(FUSED_ROWS == 4, "one case per remaining row count");
@@ -301,8 +409,9 @@ void fp8_linear_into(const torch::Tensor& x, const torch::Tensor& w, const torch
   const float* sp = scales.data_ptr<float>();
   Out* yp = y.data_ptr<Out>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    int configured = 0;
     for (int64_t b = b0; b < b1; ++b)
-      fp8_rows_times_block(xp, M, x.stride(0), wp + b * BLOCK_N * K, sp + b * kb, K, yp + b * BLOCK_N, N);
+      fp8_rows_times_block(xp, M, x.stride(0), wp + b * BLOCK_N * K, sp + b * kb, K, yp + b * BLOCK_N, N, configured);
   });
 }
 
@@ -314,10 +423,10 @@ void fp8_grouped_into(const torch::Tensor& x, const torch::Tensor& w, const torc
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   Out* yp = y.data_ptr<Out>();
-  for_expert_blocks(ends, x.size(0), blocks, [&](int64_t e, int64_t b, int64_t r0, int64_t r1) {
+  for_expert_blocks(ends, x.size(0), blocks, [&](int64_t e, int64_t b, int64_t r0, int64_t r1, int& configured) {
     const int64_t block = e * blocks + b;
     fp8_rows_times_block(xp + r0 * ldx, r1 - r0, ldx, wp + block * BLOCK_N * K, sp + block * kb, K,
-                         yp + r0 * N + b * BLOCK_N, N);
+                         yp + r0 * N + b * BLOCK_N, N, configured);
   });
 }
 
@@ -353,7 +462,18 @@ torch::Tensor fp8_grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor
 
 #pragma GCC pop_options
 
+// Every later call runs on the AMX tiles (on) or on AVX-512 (off). Turning them on asks the OS for the tile state
+// and fails (returns false, stays off) where it refuses; the caller knows whether the CPU has AMX-BF16.
+bool set_amx(bool on) {
+  amx_enabled = on && request_amx();
+  return amx_enabled;
+}
+
+bool amx() { return amx_enabled; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_amx", &set_amx, "run every call on the AMX tiles (true) or on AVX-512 (false); returns the setting");
+  m.def("amx", &amx, "whether calls run on the AMX tiles");
   m.def("linear", &linear, "x [M, K] bf16 times a packed [N, K] weight -> [M, N] bf16 or float32");
   m.def("grouped_linear", &grouped_linear, "row segments of x times their packed experts -> bf16 or float32");
   m.def("fp8_linear", &fp8_linear, "x [M, K] bf16 times a packed fp8 [N, K] weight -> [M, N] (needs AVX512-VBMI)");
