@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from s1serve.layers.sampler import apply_logit_bias, filtered_candidates
+from s1serve.layers.sampler import apply_logit_bias, filtered_candidates, greedy_tokens
 from s1serve.sampling_params import SamplingParams
 
 
@@ -31,7 +31,7 @@ def verify_drafts(
     sequence i owning 1 + len(drafts[i]) consecutive rows (row j predicts the token after draft j - 1)."""
     row_params = [p for p, d in zip(params, drafts) for _ in range(len(d) + 1)]
     logits = apply_logit_bias(logits, row_params)
-    argmax = logits.argmax(dim=-1).tolist()
+    argmax = greedy_tokens(logits).tolist()
     sampled = [r for r, p in enumerate(row_params) if not p.greedy]
     if sampled:
         values, ids = filtered_candidates(logits[sampled], [row_params[r] for r in sampled])

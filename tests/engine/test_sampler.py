@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from s1serve.layers.sampler import Sampler, apply_logit_bias, apply_penalties, keep_mask
+from s1serve.layers.sampler import Sampler, apply_logit_bias, apply_penalties, greedy_tokens, keep_mask
 import pytest
 
 from s1serve.sampling_params import InvalidParameterError, SamplingParams
@@ -164,3 +164,13 @@ def test_logprobs_are_the_raw_distribution_with_the_top_tokens():
     assert [t for t, _ in out.logprobs[0].top] == top.indices.tolist()
     assert torch.allclose(torch.tensor([v for _, v in out.logprobs[0].top]), top.values)
     assert out.logprobs[1].top == ()
+
+
+def test_greedy_tokens_follow_argmax_on_ties_nan_and_a_full_vocabulary():
+    rows = torch.randn(6, 155008, generator=torch.Generator().manual_seed(3))
+    rows[1, 17] = rows[1, 90000] = rows[1].max() + 1  # a tie: the first index wins
+    rows[2] = 0.0  # all equal
+    rows[3, 40] = rows[3, 5] = float("nan")  # NaN counts as the largest, the first one wins
+    rows[4, -1] = float("inf")
+    rows[5] = float("-inf")
+    assert greedy_tokens(rows).tolist() == rows.argmax(dim=-1).tolist() == [int(rows[0].argmax()), 17, 0, 5, 155007, 0]
