@@ -122,7 +122,10 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]. `token_counts`: every ep rank's T this step under DP attention (as
         exchange_token_counts returns it; exchanged here when not given)."""
-        ids, weights = select_experts(kernels.linear(x, self.gate.weight), self.top_k, self.num_groups, self.renormalize)
+        logits = kernels.linear(x, self.gate.weight)
+        fused = kernels.fused_ops(x)
+        route = fused.select_experts if fused is not None else select_experts
+        ids, weights = route(logits, self.top_k, self.num_groups, self.renormalize)
         ctx = self.ctx
         if ctx.ep_size > 1 and not ctx.tokens_replicated:
             counts = token_counts or exchange_token_counts(x.shape[0], ctx, x.device)
@@ -135,6 +138,11 @@ class SparseMoE(nn.Module):
     def _local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum over the routed experts held here of weight * expert(x), per row of x; ids [T, k] are global
         (ids owned elsewhere, or out of range as padding rows carry, contribute nothing)."""
+        fused = kernels.fused_ops(x)
+        if fused is not None:  # the same steps as below, each in one call
+            token_of_row, row_weight, ends = fused.sort_rows(ids, weights, self.experts.start, len(self.experts))
+            hidden = fused.silu_mul(self.grouped(x[token_of_row], "w13", ends))
+            return fused.combine(self.grouped(hidden, "w2", ends), token_of_row, row_weight, x.shape[0])
         flat_ids = ids.flatten()
         local = len(self.experts)
         if local == self.num_experts:

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from s1serve.layers import kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -14,5 +16,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = kernels.fused_ops(x)
+        if fused is not None and self.weight.dtype == torch.bfloat16:
+            return fused.rms_norm(x, self.weight, self.eps)
         # F.rms_norm in float32 is x32 * rsqrt(mean(x32^2) + eps), in one call instead of five
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)

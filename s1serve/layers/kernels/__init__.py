@@ -1,5 +1,6 @@
 """Optional CPU kernels: bf16 matmuls with AVX512-BF16 (`bf16_matmul.cpp`), compiled on first use; FP8 weights with
-bf16 activations through the same kernel (`fp8.py`, re-exported here).
+bf16 activations through the same kernel (`fp8.py`, re-exported here); the small per-layer steps fused into single
+calls (`fused_ops.cpp`, see fused_ops below).
 
 Why by hand: for the few rows of a decode step oneDNN's bf16 GEMM reads weights at well under the memory bandwidth
 (`benchmarks/cpu_matmul.py` has the side-by-side figures). The kernel works on weights packed for it once, when a
@@ -28,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 log = logging.getLogger("s1serve.kernels")
-SOURCE = Path(__file__).with_name("bf16_matmul.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("bf16_matmul.cpp", "fused_ops.cpp")]
 ENV_SWITCH = "S1SERVE_CPU_KERNELS"
 AMX_SWITCH = "S1SERVE_CPU_AMX"
 BLOCK_N = 64  # output columns per packed block (bf16_matmul.cpp)
@@ -71,7 +72,7 @@ def bf16_kernels() -> ModuleType | None:
     try:
         module = load(
             name="s1serve_bf16_matmul",
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -83,6 +84,14 @@ def bf16_kernels() -> ModuleType | None:
     if module.set_amx(wanted) != wanted:
         log.warning("the OS refused the AMX tile state: bf16 matmuls use AVX-512")
     return module
+
+
+def fused_ops(x: torch.Tensor) -> ModuleType | None:
+    """The compiled fused per-layer ops (`fused_ops.cpp`: RMSNorm, routing, SwiGLU's product, the experts' weighted
+    sum) where they take x, bf16 on the CPU with the kernels built; else None, and the caller runs its PyTorch ops."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return None
+    return bf16_kernels()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -183,5 +192,5 @@ from s1serve.layers.kernels.fp8 import (  # noqa: E402
 
 __all__ = [
     "bf16_kernels", "cpu_flags", "cpu_has_amx_bf16", "cpu_has_avx512_bf16", "cpu_has_avx512_vbmi", "fp8_grouped_linear",
-    "fp8_kernels", "fp8_linear", "grouped_linear", "is_fp8_packed", "is_packed", "linear", "pack", "pack_fp8", "pack_weights",
+    "fp8_kernels", "fp8_linear", "fused_ops", "grouped_linear", "is_fp8_packed", "is_packed", "linear", "pack", "pack_fp8", "pack_weights",
 ]

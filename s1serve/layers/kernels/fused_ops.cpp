@@ -1,0 +1,196 @@
+// The small per-layer steps of a decoder forward, each fused into one call: what PyTorch runs as 5-15 ops of a few
+// microseconds' dispatch each, on tensors of a few rows. A batch-1 decode step of the bench preset ran ~90 such ops
+// per layer; these cut them to a handful (s1serve/layers/kernels/__init__.py says where each is used).
+//
+// Every output row depends only on its own input row, computed in a fixed order: row-invariant, as the matmuls are.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+inline float round_bf16(float v) { return static_cast<float>(static_cast<bf16>(v)); }
+
+// Rows worth of work per thread below which a call stays on one thread (a parallel region costs more than it saves).
+constexpr int64_t GRAIN_ELEMENTS = 1 << 15;
+
+int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, GRAIN_ELEMENTS / std::max<int64_t>(width, 1)); }
+
+}  // namespace
+
+// RMSNorm as the published model computes it: y = weight * bf16(x * rsqrt(mean(x^2) + eps)), the statistics in
+// float32, the weight applied in bf16. x [..., D] bf16 with contiguous rows; weight [D] bf16.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm takes bf16");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == D && weight.is_contiguous(), "weight must be [", D, "]");
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t rows = xc.numel() / std::max<int64_t>(D, 1);
+  const bf16* xp = xc.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+  const float epsf = static_cast<float>(eps);
+  at::parallel_for(0, rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const bf16* xr = xp + r * D;
+      float sum = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = static_cast<float>(xr[d]);
+        sum += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + epsf);
+      bf16* yr = yp + r * D;
+      for (int64_t d = 0; d < D; ++d)
+        yr[d] = static_cast<bf16>(static_cast<float>(wp[d]) * round_bf16(static_cast<float>(xr[d]) * inv));
+    }
+  });
+  return y;
+}
+
+// SwiGLU's middle: h [R, 2I] bf16 (gate columns, then up) -> bf16(silu(gate)) * up, [R, I] bf16, each product
+// rounded once as PyTorch's bf16 ops round it.
+torch::Tensor silu_mul(torch::Tensor h) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kBFloat16 && h.size(1) % 2 == 0, "h must be [R, 2I] bf16");
+  auto hc = h.contiguous();
+  const int64_t R = hc.size(0), I = hc.size(1) / 2;
+  auto out = torch::empty({R, I}, hc.options());
+  const bf16* hp = hc.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, R, grain_rows(I), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const bf16* gate = hp + r * 2 * I;
+      const bf16* up = gate + I;
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = static_cast<float>(gate[i]);
+        op[r * I + i] = static_cast<bf16>(round_bf16(g / (1.f + std::exp(-g))) * static_cast<float>(up[i]));
+      }
+    }
+  });
+  return out;
+}
+
+// The router's choice for each token, as s1serve.layers.moe.select_experts makes it. logits [T, E] (any float
+// dtype): softmax over all E in float32; with G > 1 groups, the top k/G experts inside each of the G equal groups,
+// else the top k overall (ties: the lower id); renormalised to sum to one when asked (with 1e-20 added under groups).
+// Returns ids [T, k] int64 and weights [T, k] float32.
+std::vector<torch::Tensor> select_experts(torch::Tensor logits, int64_t top_k, int64_t groups, bool renormalize) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be [T, E]");
+  auto probs = logits.to(at::kFloat).contiguous();
+  const int64_t T = probs.size(0), E = probs.size(1);
+  TORCH_CHECK(groups >= 1 && E % groups == 0 && top_k % groups == 0 && top_k / groups <= E / groups,
+              "top_k and the experts must divide into the groups");
+  auto ids = torch::empty({T, top_k}, torch::kLong);
+  auto weights = torch::empty({T, top_k}, torch::kFloat);
+  float* pp = probs.data_ptr<float>();
+  int64_t* idp = ids.data_ptr<int64_t>();
+  float* wp = weights.data_ptr<float>();
+  const int64_t group_size = E / groups, per_group = top_k / groups;
+  at::parallel_for(0, T, grain_rows(E * 4), [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> rank(group_size);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* p = pp + t * E;
+      const float top = *std::max_element(p, p + E);
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(p[e] - top));
+      for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+      int64_t* id = idp + t * top_k;
+      float* w = wp + t * top_k;
+      for (int64_t g = 0; g < groups; ++g) {
+        std::iota(rank.begin(), rank.end(), g * group_size);
+        std::partial_sort(rank.begin(), rank.begin() + per_group, rank.end(),
+                          [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+        for (int64_t j = 0; j < per_group; ++j) id[g * per_group + j] = rank[j], w[g * per_group + j] = p[rank[j]];
+      }
+      if (renormalize) {
+        float total = 0.f;
+        for (int64_t j = 0; j < top_k; ++j) total += w[j];
+        if (groups > 1) total += 1e-20f;
+        for (int64_t j = 0; j < top_k; ++j) w[j] /= total;
+      }
+    }
+  });
+  return {ids, weights};
+}
+
+// The (token, slot) pairs routed to the experts held here, [first, first + count), in the order the grouped
+// matmuls want them: by expert, and within an expert by token and slot (ids outside the range, as padding rows
+// carry, are dropped). ids / weights [T, k]. Returns token_of_row [R] int64, row_weight [R] float32 and
+// ends [count] int64 (where each held expert's rows end).
+std::vector<torch::Tensor> sort_rows(torch::Tensor ids, torch::Tensor weights, int64_t first, int64_t count) {
+  TORCH_CHECK(ids.dim() == 2 && ids.sizes() == weights.sizes(), "ids and weights must be [T, k]");
+  auto idc = ids.to(at::kLong).contiguous();
+  auto wc = weights.to(at::kFloat).contiguous();
+  const int64_t pairs = idc.numel(), top_k = idc.size(1);
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  const float* wsrc = wc.data_ptr<float>();
+  auto ends = torch::zeros({count}, torch::kLong);
+  int64_t* endp = ends.data_ptr<int64_t>();
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t local = idp[pair] - first;
+    if (local >= 0 && local < count) ++endp[local];
+  }
+  std::vector<int64_t> next(count);
+  int64_t total = 0;
+  for (int64_t e = 0; e < count; ++e) next[e] = total, total += endp[e], endp[e] = total;
+  auto token_of_row = torch::empty({total}, torch::kLong);
+  auto row_weight = torch::empty({total}, torch::kFloat);
+  int64_t* tp = token_of_row.data_ptr<int64_t>();
+  float* wp = row_weight.data_ptr<float>();
+  for (int64_t pair = 0; pair < pairs; ++pair) {  // pairs in (token, slot) order: stable within each expert
+    const int64_t local = idp[pair] - first;
+    if (local < 0 || local >= count) continue;
+    const int64_t row = next[local]++;
+    tp[row] = pair / top_k;
+    wp[row] = wsrc[pair];
+  }
+  return {token_of_row, row_weight, ends};
+}
+
+// The experts' outputs summed per token: out[t] = sum over the rows r of token t (in row order) of
+// bf16(row_weight[r]) * rows[r], in float32, rounded to bf16 once. rows [R, H] bf16 -> [T, H] bf16.
+torch::Tensor combine(torch::Tensor rows, torch::Tensor token_of_row, torch::Tensor row_weight, int64_t T) {
+  TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kBFloat16, "rows must be [R, H] bf16");
+  TORCH_CHECK(token_of_row.scalar_type() == at::kLong && row_weight.scalar_type() == at::kFloat &&
+                  token_of_row.numel() == rows.size(0) && row_weight.numel() == rows.size(0),
+              "token_of_row / row_weight must give each row its token and weight");
+  auto rc = rows.contiguous();
+  const int64_t R = rc.size(0), H = rc.size(1);
+  const int64_t* tp = token_of_row.data_ptr<int64_t>();
+  const float* wp = row_weight.data_ptr<float>();
+  std::vector<std::vector<int64_t>> rows_of(T);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(tp[r] >= 0 && tp[r] < T, "token_of_row out of range");
+    rows_of[tp[r]].push_back(r);
+  }
+  auto out = torch::empty({T, H}, rc.options());
+  const bf16* rp = rc.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, T, grain_rows(H * 8), [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(H);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t r : rows_of[t]) {
+        const float w = round_bf16(wp[r]);
+        const bf16* row = rp + r * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += w * static_cast<float>(row[h]);
+      }
+      for (int64_t h = 0; h < H; ++h) op[t * H + h] = static_cast<bf16>(acc[h]);
+    }
+  });
+  return out;
+}
+
+void register_fused_ops(pybind11::module& m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows (float32 statistics, weight applied in bf16)");
+  m.def("silu_mul", &silu_mul, "bf16(silu(gate)) * up of [R, 2I] bf16 rows");
+  m.def("select_experts", &select_experts, "softmax and (grouped) top-k routing: ids, weights");
+  m.def("sort_rows", &sort_rows, "the held experts' (token, slot) rows by expert: token_of_row, row_weight, ends");
+  m.def("combine", &combine, "weighted per-token sums of the experts' output rows");
+}
