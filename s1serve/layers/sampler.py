@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from s1serve.layers import kernels
 from s1serve.sampling_params import SamplingParams
 
 
@@ -113,8 +114,12 @@ def keep_mask(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """The first index of each row's largest logit (argmax's rule): torch.max over a dim finds it ~3x faster than
-    torch.argmax on CPU, where argmax over a 155k vocabulary cost ~0.2 ms a row."""
+    """The first index of each row's largest logit (argmax's rule). On CPU torch.argmax over a 155k vocabulary cost
+    ~0.2 ms a row on one thread (1.6 ms for 32 rows through torch.max): the kernels' scan takes the rows over every
+    thread at memory speed; elsewhere torch.max over the dim, ~3x faster than argmax, same rule."""
+    compiled = kernels.cpu_kernels(logits.device)
+    if compiled is not None and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0:
+        return compiled.greedy(logits)
     return logits.max(dim=-1).indices
 
 

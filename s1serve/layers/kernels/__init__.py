@@ -86,12 +86,15 @@ def bf16_kernels() -> ModuleType | None:
     return module
 
 
+def cpu_kernels(device: torch.device) -> ModuleType | None:
+    """The compiled module for tensors on `device`: on the CPU where it was built, else None."""
+    return bf16_kernels() if device.type == "cpu" else None
+
+
 def fused_ops(x: torch.Tensor) -> ModuleType | None:
     """The compiled fused per-layer ops (`fused_ops.cpp`: RMSNorm, routing, SwiGLU's product, the experts' weighted
     sum) where they take x, bf16 on the CPU with the kernels built; else None, and the caller runs its PyTorch ops."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
-        return None
-    return bf16_kernels()
+    return cpu_kernels(x.device) if x.dtype == torch.bfloat16 else None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -191,6 +194,7 @@ from s1serve.layers.kernels.fp8 import (  # noqa: E402
 )
 
 __all__ = [
-    "bf16_kernels", "cpu_flags", "cpu_has_amx_bf16", "cpu_has_avx512_bf16", "cpu_has_avx512_vbmi", "fp8_grouped_linear",
-    "fp8_kernels", "fp8_linear", "fused_ops", "grouped_linear", "is_fp8_packed", "is_packed", "linear", "pack", "pack_fp8", "pack_weights",
+    "bf16_kernels", "cpu_flags", "cpu_has_amx_bf16", "cpu_has_avx512_bf16", "cpu_has_avx512_vbmi", "cpu_kernels",
+    "fp8_grouped_linear", "fp8_kernels", "fp8_linear", "fused_ops", "grouped_linear", "is_fp8_packed", "is_packed",
+    "linear", "pack", "pack_fp8", "pack_weights",
 ]

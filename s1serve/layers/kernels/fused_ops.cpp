@@ -5,6 +5,7 @@
 // Every output row depends only on its own input row, computed in a fixed order: row-invariant, as the matmuls are.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -187,7 +188,61 @@ torch::Tensor combine(torch::Tensor rows, torch::Tensor token_of_row, torch::Ten
   return out;
 }
 
+// The index of the first largest value of each row of float32 logits [R, V] (torch.argmax's rule: NaN counts as the
+// largest, so the first NaN wins), 16 lanes at a time and rows over the threads: one pass at memory speed, where
+// torch's reductions over the last dim of a few rows run on one thread.
+torch::Tensor greedy(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "logits must be [R, V] float32");
+  auto lc = logits.contiguous();
+  const int64_t R = lc.size(0), V = lc.size(1);
+  TORCH_CHECK(V > 0, "logits must have at least one column");
+  auto out = torch::empty({R}, torch::kLong);
+  const float* lp = lc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = lp + r * V;
+      __m512 best = _mm512_set1_ps(-INFINITY);
+      __m512i best_at = _mm512_set1_epi32(0);
+      __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512i step = _mm512_set1_epi32(16);
+      bool nan = false;
+      int64_t v = 0;
+      for (; v + 16 <= V && V < (int64_t{1} << 31); v += 16) {
+        const __m512 x = _mm512_loadu_ps(row + v);
+        if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) {
+          nan = true;
+          break;
+        }
+        const __mmask16 higher = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);  // strictly: each lane keeps its first
+        best = _mm512_mask_mov_ps(best, higher, x);
+        best_at = _mm512_mask_mov_epi32(best_at, higher, at);
+        at = _mm512_add_epi32(at, step);
+      }
+      alignas(64) float lane_best[16];
+      alignas(64) int32_t lane_at[16];
+      _mm512_store_ps(lane_best, best);
+      _mm512_store_si512(lane_at, best_at);
+      float top = -INFINITY;
+      int64_t index = 0;
+      for (int i = 0; i < 16; ++i)  // the largest over the lanes; among equals the lowest index
+        if (lane_best[i] > top || (lane_best[i] == top && lane_at[i] < index)) top = lane_best[i], index = lane_at[i];
+      if (nan || v == 0) v = 0, top = -INFINITY, index = 0;  // a NaN ahead, or nothing done: the plain scan decides
+      for (; v < V; ++v) {
+        if (std::isnan(row[v])) {
+          index = v;
+          break;
+        }
+        if (row[v] > top) top = row[v], index = v;
+      }
+      op[r] = index;
+    }
+  });
+  return out;
+}
+
 void register_fused_ops(pybind11::module& m) {
+  m.def("greedy", &greedy, "the first index of each row's largest value (argmax's rule) of float32 logits");
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows (float32 statistics, weight applied in bf16)");
   m.def("silu_mul", &silu_mul, "bf16(silu(gate)) * up of [R, 2I] bf16 rows");
   m.def("select_experts", &select_experts, "softmax and (grouped) top-k routing: ids, weights");
