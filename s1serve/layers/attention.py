@@ -40,8 +40,7 @@ class AttentionGroup:
 
     token_index: torch.Tensor  # [t] rows of the flat batch that belong to this group
     block_tables: torch.Tensor  # [b, max_blocks] block ids per sequence (padding entries point at block 0)
-    token_seq: torch.Tensor  # [t] sequence (within the group) of each token
-    token_row: torch.Tensor  # [t] index of each token inside its sequence's query
+    padded_row: torch.Tensor  # [t] row of each token among the padded queries: its sequence x max_q + its index
     query_pos: torch.Tensor  # [b, max_q] position of each (padded) query row
     seq_lens: torch.Tensor  # [b] tokens of each sequence, cached and new
     allowed: torch.Tensor | None  # [b, max_q, max_blocks * block_size] causal mask; None past SCORE_BYTES / 4
@@ -137,8 +136,7 @@ def _build_group(
     return AttentionGroup(
         token_index=token_index.to(device),
         block_tables=table.to(device),
-        token_seq=token_seq.to(device),
-        token_row=token_row.to(device),
+        padded_row=(token_seq * max_q + token_row).to(device),
         query_pos=query_pos.to(device),
         seq_lens=seq_lens.to(device),
         allowed=allowed,
@@ -182,8 +180,8 @@ def _attend_group(q: torch.Tensor, cache: KVCache, group: AttentionGroup, scale:
         out = _attend_rows(q.view(num_seqs, 1, kv_heads, group_size, head_dim), keys, values, group.mask(0, 1, s_len),
                            scale)
         return out.view(num_seqs, heads, head_dim)
-    padded = q.new_zeros(num_seqs, q_len, heads, head_dim)
-    padded[group.token_seq, group.token_row] = q
+    # one flat row index each way: two-tensor advanced indexing cost ~0.7 ms per layer for 1024 tokens
+    padded = q.new_zeros(num_seqs * q_len, heads, head_dim).index_copy_(0, group.padded_row, q)
     padded = padded.view(num_seqs, q_len, kv_heads, group_size, head_dim)
     rows = max(1, SCORE_BYTES // (kv_heads * num_seqs * group_size * s_len * 4))
     if rows >= q_len:
@@ -194,7 +192,7 @@ def _attend_group(q: torch.Tensor, cache: KVCache, group: AttentionGroup, scale:
             stop = min(start + rows, q_len)
             out[:, start:stop] = _attend_rows(padded[:, start:stop], keys, values, group.mask(start, stop, s_len),
                                               scale)
-    return out[group.token_seq, group.token_row]
+    return out.reshape(num_seqs * q_len, heads, head_dim).index_select(0, group.padded_row)
 
 
 def _attend_rows(

@@ -13,6 +13,7 @@ from torch import nn
 
 from s1serve.checkpoint.fope import fope_coef_shape, fope_frequencies, inverse_frequencies
 from s1serve.config import TextConfig
+from s1serve.layers import kernels
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     Head j uses group j // (heads / groups): the GQA grouping, so query heads follow their KV head.
     """
     heads, groups = x.shape[1], cos.shape[1]
+    fused = kernels.fused_ops(x)
+    if fused is not None and cos.dtype == sin.dtype == torch.bfloat16 and x.stride(-1) == 1 and heads % groups == 0:
+        return fused.rotary(x, cos, sin)  # the same roundings in one call
     if groups not in (1, heads):
         cos = cos.repeat_interleave(heads // groups, dim=1)
         sin = sin.repeat_interleave(heads // groups, dim=1)

@@ -55,6 +55,41 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return y;
 }
 
+// Rotate-half position encoding: x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16, as
+// PyTorch's bf16 ops round them (bitwise s1serve.layers.rotary.apply_rotary). x [T, H, D] bf16 (any strides of the
+// first two dims, contiguous D); cos / sin [T, G, D] bf16 with H a multiple of G: head h uses group h / (H / G).
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kBFloat16 && x.stride(2) == 1, "x must be [T, H, D] bf16");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.scalar_type() == at::kBFloat16 &&
+                  sin.scalar_type() == at::kBFloat16 && cos.size(0) == x.size(0) && cos.size(2) == x.size(2) &&
+                  x.size(1) % cos.size(1) == 0 && x.size(2) % 2 == 0,
+              "cos and sin must be [T, G, D] bf16 with G dividing x's heads");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), G = cos.size(1), half = D / 2, per_group = H / G;
+  auto cc = cos.contiguous(), sc = sin.contiguous();
+  auto out = torch::empty({T, H, D}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* cp = cc.data_ptr<bf16>();
+  const bf16* sp = sc.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t st = x.stride(0), sh = x.stride(1);
+  at::parallel_for(0, T * H, grain_rows(D), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / H, h = i % H;
+      const bf16* xr = xp + t * st + h * sh;
+      const bf16* c = cp + (t * G + h / per_group) * D;
+      const bf16* s = sp + (t * G + h / per_group) * D;
+      bf16* o = op + i * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float rotated = d < half ? -static_cast<float>(xr[d + half]) : static_cast<float>(xr[d - half]);
+        const float a = round_bf16(static_cast<float>(xr[d]) * static_cast<float>(c[d]));
+        const float b = round_bf16(rotated * static_cast<float>(s[d]));
+        o[d] = static_cast<bf16>(a + b);
+      }
+    }
+  });
+  return out;
+}
+
 // SwiGLU's middle: h [R, 2I] bf16 (gate columns, then up) -> bf16(silu(gate)) * up, [R, I] bf16, each product
 // rounded once as PyTorch's bf16 ops round it.
 torch::Tensor silu_mul(torch::Tensor h) {
@@ -244,6 +279,7 @@ torch::Tensor greedy(torch::Tensor logits) {
 void register_fused_ops(pybind11::module& m) {
   m.def("greedy", &greedy, "the first index of each row's largest value (argmax's rule) of float32 logits");
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows (float32 statistics, weight applied in bf16)");
+  m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin of [T, H, D] bf16, rounded as PyTorch's bf16 ops");
   m.def("silu_mul", &silu_mul, "bf16(silu(gate)) * up of [R, 2I] bf16 rows");
   m.def("select_experts", &select_experts, "softmax and (grouped) top-k routing: ids, weights");
   m.def("sort_rows", &sort_rows, "the held experts' (token, slot) rows by expert: token_of_row, row_weight, ends");
