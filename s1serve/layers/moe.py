@@ -141,7 +141,7 @@ class SparseMoE(nn.Module):
         fused = kernels.fused_ops(x)
         if fused is not None:  # the same steps as below, each in one call
             token_of_row, row_weight, ends = fused.sort_rows(ids, weights, self.experts.start, len(self.experts))
-            hidden = fused.silu_mul(self.grouped(x[token_of_row], "w13", ends))
+            hidden = fused.silu_mul(self.grouped(x.index_select(0, token_of_row), "w13", ends))
             return fused.combine(self.grouped(hidden, "w2", ends), token_of_row, row_weight, x.shape[0])
         flat_ids = ids.flatten()
         local = len(self.experts)

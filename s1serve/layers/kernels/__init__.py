@@ -73,7 +73,7 @@ def bf16_kernels() -> ModuleType | None:
         module = load(
             name="s1serve_bf16_matmul",
             sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
