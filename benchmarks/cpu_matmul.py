@@ -1,11 +1,12 @@
-"""bf16 matmuls on CPU: s1serve's AVX512-BF16 kernel against PyTorch (oneDNN), side by side in one run.
+"""bf16 matmuls on CPU: s1serve's kernel (AVX-512 and AMX paths) against PyTorch (oneDNN), side by side in one run.
 
     .venv/bin/python benchmarks/cpu_matmul.py [--rows 1 4 8 64 256] [--fp8-rows 1 8 64 256] [--sections bf16 fp8]
 
 Shapes are the bench preset's (hidden 1024): the lm_head over the real vocabulary, an attention projection, one
 expert's gate+up and down, and the grouped experts of a step (64 experts, top-8: 8 x rows routed rows over the
-experts, as the router spreads them). The kernel runs on weights packed once (as the engine does); PyTorch on the
-plain [N, K] weight. Prints the best ms per call, the weight read rate (GB/s) and the ratio. Small weights stay in
+experts, as the router spreads them). The kernel runs on weights packed once (as the engine does), on AVX-512 and,
+where the CPU has AMX-BF16, on the AMX tiles; PyTorch on the plain [N, K] weight. Prints the best ms per call, the
+weight read rate (GB/s) and PyTorch's time over each path's. Small weights stay in
 cache between calls, so their GB/s overstate what a forward (which streams them from memory) sees.
 
 The FP8 section (block-scaled float8_e4m3fn weights, bf16 activations; the lm_head stays bf16) puts the bf16 kernel
@@ -51,8 +52,35 @@ def best_seconds(fn, budget_s: float = 0.5) -> float:
     return min(times)
 
 
+def kernel_paths() -> list[str]:
+    """The kernel's paths on this CPU: AVX-512, and the AMX tiles where it has them."""
+    return ["avx512", "amx"] if kernels.cpu_has_amx_bf16() else ["avx512"]
+
+
+def on_each_path(fn: Callable[[], object]) -> list[float]:
+    """Best seconds of fn on each kernel path (the process's own path is restored after)."""
+    module = kernels.bf16_kernels()
+    before = module.amx()
+    times = []
+    try:
+        for path in kernel_paths():
+            if module.set_amx(path == "amx") != (path == "amx"):
+                sys.exit("the OS refused the AMX tile state")
+            times.append(best_seconds(fn))
+    finally:
+        module.set_amx(before)
+    return times
+
+
 def bf16_section(rows_list: list[int], gen: torch.Generator) -> None:
-    print(f"{'shape':<24}{'rows':>6}{'torch ms':>10}{'GB/s':>7}{'kernel ms':>11}{'GB/s':>7}{'ratio':>8}")
+    paths = kernel_paths()
+    print(f"{'shape':<24}{'rows':>6}{'torch ms':>10}{'GB/s':>7}"
+          + "".join(f"{path + ' ms':>11}{'GB/s':>7}{'torch/' + path:>13}" for path in paths))
+
+    def row(label: str, rows: int, nbytes: int, torch_s: float, kernel_s: list[float]) -> None:
+        print(f"{label:<24}{rows:>6}{torch_s * 1e3:>10.3f}{nbytes / torch_s / 1e9:>7.1f}"
+              + "".join(f"{k * 1e3:>11.3f}{nbytes / k / 1e9:>7.1f}{torch_s / k:>12.2f}x" for k in kernel_s))
+
     for name, (n, k) in LINEARS.items():
         w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
         packed = kernels.pack(w)
@@ -60,10 +88,8 @@ def bf16_section(rows_list: list[int], gen: torch.Generator) -> None:
             if name == "lm_head" and rows > 256:  # it only sees the last token of each sequence
                 continue
             x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-            a = best_seconds(lambda: F.linear(x, w))
-            b = best_seconds(lambda: kernels.linear(x, packed, torch.float32))
-            print(f"{name + f' {n}x{k}':<24}{rows:>6}{a * 1e3:>10.3f}{w.nbytes / a / 1e9:>7.1f}"
-                  f"{b * 1e3:>11.3f}{w.nbytes / b / 1e9:>7.1f}{a / b:>7.2f}x")
+            row(f"{name} {n}x{k}", rows, w.nbytes, best_seconds(lambda: F.linear(x, w)),
+                on_each_path(lambda: kernels.linear(x, packed, torch.float32)))
     w13 = torch.randn(EXPERTS, 768, 1024, generator=gen).to(torch.bfloat16)
     w13_packed = kernels.pack(w13)
     for rows in rows_list:
@@ -71,10 +97,9 @@ def bf16_section(rows_list: list[int], gen: torch.Generator) -> None:
         ends = torch.cumsum(torch.bincount(routed, minlength=EXPERTS), 0)
         x = torch.randn(rows * TOP_K, 1024, generator=gen).to(torch.bfloat16)
         touched = int((torch.bincount(routed, minlength=EXPERTS) > 0).sum()) * w13[0].nbytes
-        a = best_seconds(lambda: torch._grouped_mm(x, w13.transpose(1, 2), offs=ends.to(torch.int32)))
-        b = best_seconds(lambda: kernels.grouped_linear(x, w13_packed, ends))
-        print(f"{'grouped w13 64x768x1024':<24}{rows:>6}{a * 1e3:>10.3f}{touched / a / 1e9:>7.1f}"
-              f"{b * 1e3:>11.3f}{touched / b / 1e9:>7.1f}{a / b:>7.2f}x")
+        row("grouped w13 64x768x1024", rows, touched,
+            best_seconds(lambda: torch._grouped_mm(x, w13.transpose(1, 2), offs=ends.to(torch.int32))),
+            on_each_path(lambda: kernels.grouped_linear(x, w13_packed, ends)))
 
 
 def random_fp8(shape: tuple[int, ...], segments: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import torch
 
 from s1serve.layers import kernels
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # each test on AVX-512 and on AMX (conftest.py)
 needs_kernels = pytest.mark.skipif(not kernels.cpu_has_avx512_bf16(), reason="CPU without AVX512-BF16")
 
 
@@ -23,6 +24,36 @@ def test_built_exactly_where_the_cpu_has_avx512_bf16():
     assert (kernels.bf16_kernels() is not None) == kernels.cpu_has_avx512_bf16()
 
 
+@needs_kernels
+def test_a_process_takes_the_amx_tiles_exactly_where_the_cpu_has_them(monkeypatch):
+    monkeypatch.delenv("S1SERVE_CPU_AMX", raising=False)
+    kernels.bf16_kernels.cache_clear()
+    try:
+        assert kernels.bf16_kernels().amx() == kernels.cpu_has_amx_bf16()
+        monkeypatch.setenv("S1SERVE_CPU_AMX", "0")
+        kernels.bf16_kernels.cache_clear()
+        assert not kernels.bf16_kernels().amx()
+    finally:
+        monkeypatch.undo()
+        kernels.bf16_kernels.cache_clear()
+        kernels.bf16_kernels()
+
+
+@needs_kernels
+def test_the_two_paths_round_differently_so_a_process_keeps_one(kernel_path):
+    """Why the choice is made once per process: the same call gives other float32 sums on the other path."""
+    if not kernels.cpu_has_amx_bf16():
+        pytest.skip("CPU without AMX-BF16: one path only")
+    module = kernels.bf16_kernels()
+    x, packed = bf16(16, 1024, seed=30), kernels.pack(bf16(256, 1024, seed=31))
+    mine = kernels.linear(x, packed, torch.float32)
+    module.set_amx(kernel_path != "amx")
+    other = kernels.linear(x, packed, torch.float32)
+    module.set_amx(kernel_path == "amx")
+    assert not torch.equal(mine, other)
+    torch.testing.assert_close(mine, other, atol=1e-4, rtol=1e-5)
+
+
 def test_only_bf16_cpu_weights_with_64_column_blocks_are_packed():
     assert kernels.pack(bf16(100, 64, seed=0)) is None  # 100 output features: not whole blocks of 64
     assert kernels.pack(torch.randn(64, 64)) is None  # float32 takes PyTorch
@@ -31,12 +62,13 @@ def test_only_bf16_cpu_weights_with_64_column_blocks_are_packed():
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 13, 70])
+@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 13, 16, 17, 70])
 @pytest.mark.parametrize("out_features", [64, 320])
-def test_linear_on_packed_weights_matches_the_exact_product(rows, out_features):
-    x, w = bf16(rows, 96, seed=rows), bf16(out_features, 96, seed=out_features + 1)
+@pytest.mark.parametrize("in_features", [96, 80])  # 80: not whole AMX steps of 32, so AVX-512 takes it
+def test_linear_on_packed_weights_matches_the_exact_product(rows, out_features, in_features):
+    x, w = bf16(rows, in_features, seed=rows), bf16(out_features, in_features, seed=out_features + 1)
     packed = kernels.pack(w)
-    assert kernels.is_packed(packed) and packed.shape == (out_features // 64, 48, 64, 2)
+    assert kernels.is_packed(packed) and packed.shape == (out_features // 64, in_features // 2, 64, 2)
     out = kernels.linear(x, packed, torch.float32)
     assert out.shape == (rows, out_features) and out.dtype == torch.float32
     # float32 sums of exact bf16 products: far below one bf16 ulp of the result

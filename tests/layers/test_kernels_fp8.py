@@ -15,6 +15,7 @@ from s1serve.checkpoint.fp8 import FP8_DTYPE, dequantize
 from s1serve.layers import kernels
 from s1serve.layers.kernels import fp8 as fp8_kernels
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # each test on AVX-512 and on AMX (conftest.py)
 needs_kernels = pytest.mark.skipif(
     not (kernels.cpu_has_avx512_bf16() and kernels.cpu_has_avx512_vbmi()),
     reason="the FP8 kernel needs AVX512-BF16 and AVX512-VBMI, which this CPU lacks",

@@ -1,0 +1,119 @@
+"""The fused per-layer CPU ops (`s1serve/layers/kernels/fused_ops.cpp`) against the PyTorch ops they replace: bitwise
+where they replicate PyTorch's bf16 roundings (RMSNorm, rotary, SwiGLU's product, greedy), the same choice where the
+router picks (ties aside), and the whole MoE layer within one bf16 rounding of the PyTorch path; each row alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from s1serve.layers import kernels
+from s1serve.layers.moe import select_experts
+from s1serve.layers.norm import RMSNorm
+from s1serve.layers.rotary import apply_rotary, rotate_half
+from s1serve.models.registry import load_model
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_has_avx512_bf16(), reason="CPU without AVX512-BF16: no fused ops")
+
+
+def bf16(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(torch.bfloat16)
+
+
+@pytest.fixture
+def ops():
+    return kernels.bf16_kernels()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_rms_norm_is_bitwise_the_pytorch_norm(ops, scale):
+    x, weight = bf16(50, 7, 64, seed=1, scale=scale), bf16(64, seed=2) + 1
+    expected = weight * F.rms_norm(x.float(), (64,), eps=1e-6).to(torch.bfloat16)
+    assert torch.equal(ops.rms_norm(x, weight, 1e-6), expected)
+    assert torch.equal(ops.rms_norm(x[3:4], weight, 1e-6), expected[3:4])  # a row alone
+
+
+def test_the_norm_layer_takes_the_fused_op_for_bf16_only(ops, monkeypatch):
+    norm = RMSNorm(64, 1e-6).to(torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(kernels, "fused_ops", lambda x: calls.append(x.dtype) or (ops if x.dtype == torch.bfloat16
+                                                                                  else None))
+    norm(bf16(3, 64, seed=3))
+    norm.float()(torch.randn(3, 64))
+    assert calls == [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_rotary_is_bitwise_the_pytorch_rotation(groups):
+    x = bf16(40, 24, 64, seed=4)[:, 4:20]  # 16 heads, rows strided as a q_proj view is
+    cos, sin = bf16(40, groups, 64, seed=5), bf16(40, groups, 64, seed=6)
+    heads_cos = cos.repeat_interleave(16 // groups, dim=1)
+    heads_sin = sin.repeat_interleave(16 // groups, dim=1)
+    assert torch.equal(apply_rotary(x, cos, sin), x * heads_cos + rotate_half(x) * heads_sin)
+
+
+def test_silu_mul_is_bitwise_pytorchs_swiglu_product(ops):
+    h = torch.cat([bf16(64, 2 * 389, seed=7, scale=s) for s in (0.1, 1.0, 30.0)])
+    edge = torch.tensor([-100.0, -1e30, float("inf"), float("-inf"), float("nan"), 0.0, 88.0, -88.0, 1e30, -200.0])
+    h[0, : len(edge)] = edge.to(torch.bfloat16)
+    gate, up = h[:, :389], h[:, 389:]
+    torch.testing.assert_close(ops.silu_mul(h), F.silu(gate) * up, equal_nan=True, atol=0, rtol=0)  # bitwise
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_routing_chooses_as_select_experts(ops, groups):
+    logits = torch.randn(300, 64, generator=torch.Generator().manual_seed(8))  # float32: no ties
+    ids, weights = ops.select_experts(logits, 8, groups, True)
+    ref_ids, ref_weights = select_experts(logits, 8, groups, True)
+    assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)
+    order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
+    torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), atol=1e-6, rtol=1e-5)
+    if groups > 1:  # exactly k/G experts inside each group of 16
+        assert ((ids // 16).sort(-1).values == torch.arange(4).repeat_interleave(2)).all()
+
+
+def test_sort_rows_orders_the_held_experts_rows_stably_and_drops_the_rest(ops):
+    ids = torch.randint(0, 64, (50, 8), generator=torch.Generator().manual_seed(9))
+    weights = torch.rand(50, 8, generator=torch.Generator().manual_seed(10))
+    token_of_row, row_weight, ends = ops.sort_rows(ids, weights, 16, 16)  # an EP rank holding experts 16..31
+    pairs = [(int(e) - 16, t, w) for t in range(50) for e, w in zip(ids[t], weights[t].tolist()) if 16 <= e < 32]
+    pairs.sort(key=lambda p: p[0])  # stable: token order within an expert
+    assert token_of_row.tolist() == [t for _, t, _ in pairs]
+    assert row_weight.tolist() == pytest.approx([w for _, _, w in pairs])
+    counts = torch.bincount(torch.tensor([e for e, _, _ in pairs]), minlength=16)
+    assert ends.tolist() == torch.cumsum(counts, 0).tolist()
+
+
+def test_combine_sums_each_tokens_weighted_rows(ops):
+    rows, token_of_row = bf16(30, 64, seed=11), torch.randint(0, 7, (30,), generator=torch.Generator().manual_seed(12))
+    row_weight = torch.rand(30, generator=torch.Generator().manual_seed(13))
+    out = ops.combine(rows, token_of_row, row_weight, 8)  # token 7 receives no rows: zeros
+    expected = torch.zeros(8, 64, dtype=torch.float64).index_add_(
+        0, token_of_row, rows.double() * row_weight.to(torch.bfloat16).double()[:, None])
+    torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=8e-3)  # one bf16 rounding
+    assert out[7].abs().sum() == 0
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tiny_checkpoint):
+    from s1serve.engine.model_runner import ModelRunner
+
+    model = load_model(tiny_checkpoint, torch.bfloat16)
+    ModelRunner(model, num_blocks=4, block_size=16)  # packs the weights as the engine does
+    return model
+
+
+def moe_outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = next(layer for layer in model.layers if layer.is_moe)
+    x = bf16(33, layer.mlp.hidden_size, seed=14)
+    with torch.inference_mode():
+        return layer.mlp(x), torch.cat([layer.mlp(x[i : i + 1]) for i in range(x.shape[0])])
+
+
+def test_the_moe_layer_matches_its_pytorch_path_and_each_token_alone(bf16_model, monkeypatch):
+    fused, alone = moe_outputs(bf16_model)
+    assert torch.equal(fused, alone)  # row-invariant
+    monkeypatch.setattr(kernels, "fused_ops", lambda x: None)
+    pytorch, _ = moe_outputs(bf16_model)
+    torch.testing.assert_close(fused.float(), pytorch.float(), atol=2e-2, rtol=2e-2)  # bf16 roundings of the sum
