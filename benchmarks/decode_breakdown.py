@@ -1,0 +1,81 @@
+"""Where an engine step's time goes: the offline engine's steps at a fixed number of decoding sequences, split into
+the model's parts (attention, MoE and norms of all layers, the lm_head) and the rest of the step.
+
+    .venv/bin/python benchmarks/decode_breakdown.py [--concurrency 1 8 32] [--steps 48] [--model DIR]
+
+Each part is timed by wrapping its module's forward (wall time, ms per step; the parts nest inside "model
+forward"). The read bandwidth measured just before each run (as throughput.py measures it) gives the step's
+roofline share at batch 1. Run it on a quiet machine: a second busy process stalls every parallel region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from throughput import DEFAULT_MODEL, decode_bytes_per_token, machine, read_bandwidth  # noqa: E402
+
+from s1serve import LLM, SamplingParams  # noqa: E402
+
+
+def timed(spent: dict[str, float], label: str, fn: Callable) -> Callable:
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - start
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--steps", type=int, default=48, help="decode steps timed per concurrency")
+    parser.add_argument("--input-len", type=int, default=128)
+    args = parser.parse_args()
+    llm = LLM(args.model, dtype="bfloat16", skip_tokenizer_init=True)
+    engine, model = llm.engine, llm.engine.runner.model
+    spent: dict[str, float] = defaultdict(float)
+    model.forward = timed(spent, "model forward", model.forward)
+    model.compute_logits = timed(spent, "lm_head (logits)", model.compute_logits)
+    for layer in model.layers:
+        layer.self_attn.forward = timed(spent, "  attention", layer.self_attn.forward)
+        layer.mlp.forward = timed(spent, "  MoE", layer.mlp.forward)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.forward = timed(spent, "  layer norms", norm.forward)
+    weight_bytes = decode_bytes_per_token(model)
+    print(f"machine: {machine()}")
+    for c in args.concurrency:
+        params = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
+        for i in range(c):
+            engine.add_request(f"c{c}-{i}", [1000 + 7 * i + j for j in range(args.input_len)], params)
+        for _ in range(3):  # the prefill and the first decode steps
+            engine.step()
+        bandwidth = read_bandwidth(5)
+        spent.clear()
+        steps, start = 0, time.perf_counter()
+        while engine.has_unfinished_requests() and steps < args.steps:
+            engine.step()
+            steps += 1
+        step = (time.perf_counter() - start) / steps
+        parts = dict(spent)
+        while engine.has_unfinished_requests():
+            engine.step()
+        share = f", {weight_bytes / bandwidth / step:.0%} of the roofline" if c == 1 else ""
+        print(f"\n{c} decoding: {step * 1e3:.1f} ms per step at {bandwidth / 1e9:.1f} GB/s{share}")
+        for label, seconds in parts.items():
+            print(f"  {label:<20}{seconds / steps * 1e3:8.2f} ms")
+        rest = step - (parts["model forward"] + parts["lm_head (logits)"]) / steps
+        print(f"  {'rest of the step':<20}{rest * 1e3:8.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
