@@ -117,26 +117,16 @@ inline void configure(int rows, int& configured) {
   configured = rows;
 }
 
-// Up to 16 rows of x (stride ldx) times one packed block (64 columns): the tiles configured for `rows` rows.
-template <typename Out>
-void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, int rows) {
-  constexpr int64_t pair_stride = 2 * BLOCK_N * sizeof(bf16);  // bytes from one k pair's row to the next
+inline void zero_sums() {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t k = 0; k < K; k += TILE_K) {
-    const bf16* wk = w + k * BLOCK_N;  // k / 2 pairs in, 2 * BLOCK_N values each
-    _tile_loadd(4, x + k, ldx * sizeof(bf16));
-    _tile_loadd(5, wk, pair_stride);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, wk + 32, pair_stride);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(5, wk + 64, pair_stride);
-    _tile_dpbf16ps(2, 4, 5);
-    _tile_loadd(6, wk + 96, pair_stride);
-    _tile_dpbf16ps(3, 4, 6);
-  }
+}
+
+// The sums in tiles 0-3 (`rows` rows x 64 columns) into y.
+template <typename Out>
+inline void store_sums(Out* y, int64_t ldy, int rows) {
   alignas(64) float sums[TILE_ROWS * BLOCK_N];
   _tile_stored(0, sums, BLOCK_N * sizeof(float));
   _tile_stored(1, sums + 16, BLOCK_N * sizeof(float));
@@ -144,6 +134,30 @@ void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int6
   _tile_stored(3, sums + 48, BLOCK_N * sizeof(float));
   for (int i = 0; i < rows; ++i)
     for (int j = 0; j < 4; ++j) store16(y + i * ldy + 16 * j, _mm512_load_ps(sums + i * BLOCK_N + 16 * j));
+}
+
+// The four tdpbf16ps of one k step: rows of x in tile 4 times the 16 pairs x 64 columns at w (packed layout).
+inline void tile_step(const bf16* w) {
+  constexpr int64_t pair_stride = 2 * BLOCK_N * sizeof(bf16);  // bytes from one k pair's row to the next
+  _tile_loadd(5, w, pair_stride);
+  _tile_dpbf16ps(0, 4, 5);
+  _tile_loadd(6, w + 32, pair_stride);
+  _tile_dpbf16ps(1, 4, 6);
+  _tile_loadd(5, w + 64, pair_stride);
+  _tile_dpbf16ps(2, 4, 5);
+  _tile_loadd(6, w + 96, pair_stride);
+  _tile_dpbf16ps(3, 4, 6);
+}
+
+// Up to 16 rows of x (stride ldx) times one packed block (64 columns): the tiles configured for `rows` rows.
+template <typename Out>
+void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, int rows) {
+  zero_sums();
+  for (int64_t k = 0; k < K; k += TILE_K) {
+    _tile_loadd(4, x + k, ldx * sizeof(bf16));
+    tile_step(w + k * BLOCK_N);  // k / 2 pairs in, 2 * BLOCK_N values each
+  }
+  store_sums(y, ldy, rows);
 }
 
 // All M rows of x times one packed block on the tiles: full tiles of 16 rows, then the remainder.
@@ -367,13 +381,47 @@ const bf16* decode_block(const uint8_t* w, const float* scales, int64_t K) {
   return out;
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512vbmi,amx-tile,amx-bf16")
+
+// Up to 16 rows of x times one packed fp8 block on the AMX tiles: each k step's 16 pairs x 64 columns are decoded into
+// a 4 KiB buffer that stays in L1 and multiplied at once (the weight tiles must come from memory), so one pass over
+// the block suffices; the same bf16 values and tile steps as the bf16 path on the dequantized weight.
+template <typename Out>
+void amx_fp8_tile(const bf16* x, int64_t ldx, const uint8_t* w, const float* scales, int64_t K, Out* y, int64_t ldy,
+                  int rows, int& configured) {
+  alignas(64) bf16 step[TILE_K * BLOCK_N];  // 16 pairs x 64 columns x 2
+  configure(rows, configured);
+  zero_sums();
+  Lut t{};
+  for (int64_t k = 0; k < K; k += TILE_K) {
+    if (k % BLOCK_K == 0) t = make_lut(scales[k / BLOCK_K]);
+    for (int64_t p = 0; p < TILE_K / 2; ++p)
+      for (int h = 0; h < 2; ++h) {
+        __m512bh w0, w1;
+        decode(_mm512_loadu_si512(w + (k / 2 + p) * 2 * BLOCK_N + 64 * h), t, w0, w1);
+        _mm512_store_si512(step + p * 2 * BLOCK_N + 64 * h, (__m512i)w0);
+        _mm512_store_si512(step + p * 2 * BLOCK_N + 64 * h + 32, (__m512i)w1);
+      }
+    _tile_loadd(4, x + k, ldx * sizeof(bf16));
+    tile_step(step);
+  }
+  store_sums(y, ldy, rows);
+}
+
+#pragma GCC pop_options
+
 // The 64 columns of one packed fp8 block for all M rows of x. Decoding in registers costs each tile of rows a
 // little; decoding into a buffer (written, then read from cache) costs more, but once: it wins past DECODE_ONCE_ROWS.
-// Where the bf16 path runs on AMX the block is always decoded into the buffer, so that the results stay bitwise the
-// bf16 path's.
+// Where the bf16 path runs on AMX the fp8 path does too, so that its results stay bitwise the bf16 path's: up to 16
+// rows decode step by step (amx_fp8_tile), more rows decode the block once.
 template <typename Out>
 void fp8_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const uint8_t* w, const float* scales, int64_t K,
                           Out* y, int64_t ldy, int& configured) {
+  if (amx_applies(K) && M <= TILE_ROWS) {
+    if (M > 0) amx_fp8_tile(x, ldx, w, scales, K, y, ldy, static_cast<int>(M), configured);
+    return;
+  }
   if (amx_applies(K) || M > DECODE_ONCE_ROWS) {
     any_rows_times_block(x, M, ldx, decode_block(w, scales, K), K, y, ldy, configured);
     return;
