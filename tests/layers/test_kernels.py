@@ -24,6 +24,19 @@ def test_built_exactly_where_the_cpu_has_avx512_bf16():
     assert (kernels.bf16_kernels() is not None) == kernels.cpu_has_avx512_bf16()
 
 
+def test_a_build_is_announced_when_there_is_no_module_or_a_source_is_newer(tmp_path):
+    import os
+
+    source, built = tmp_path / "a.cpp", tmp_path / "a.so"
+    source.write_text("//")
+    assert kernels.is_stale(built, [source])  # nothing built yet: loading compiles
+    built.write_bytes(b"")
+    os.utime(source, (1000, 1000))
+    assert not kernels.is_stale(built, [source])
+    os.utime(source, (built.stat().st_mtime + 10,) * 2)
+    assert kernels.is_stale(built, [source])
+
+
 @needs_kernels
 def test_a_process_takes_the_amx_tiles_exactly_where_the_cpu_has_them(monkeypatch):
     monkeypatch.delenv("S1SERVE_CPU_AMX", raising=False)

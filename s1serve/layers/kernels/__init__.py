@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 log = logging.getLogger("s1serve.kernels")
 SOURCES = [Path(__file__).with_name(name) for name in ("bf16_matmul.cpp", "fused_ops.cpp")]
+KERNEL_NAME = "s1serve_bf16_matmul"
 ENV_SWITCH = "S1SERVE_CPU_KERNELS"
 AMX_SWITCH = "S1SERVE_CPU_AMX"
 BLOCK_N = 64  # output columns per packed block (bf16_matmul.cpp)
@@ -69,9 +70,12 @@ def bf16_kernels() -> ModuleType | None:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     except ImportError:
         pass
+    built = _built_module()
+    if built is not None and is_stale(built, SOURCES):  # a first run would otherwise look hung
+        log.warning("compiling the CPU kernels for this machine (once, about a minute; kept in %s)", built.parent)
     try:
         module = load(
-            name="s1serve_bf16_matmul",
+            name=KERNEL_NAME,
             sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -84,6 +88,21 @@ def bf16_kernels() -> ModuleType | None:
     if module.set_amx(wanted) != wanted:
         log.warning("the OS refused the AMX tile state: bf16 matmuls use AVX-512")
     return module
+
+
+def _built_module() -> Path | None:
+    """Where torch's extension builder keeps the compiled module (None if its private helper has moved)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(KERNEL_NAME, verbose=False)) / f"{KERNEL_NAME}.so"
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def is_stale(built: Path, sources: list[Path]) -> bool:
+    """Whether loading will compile: no module yet, or a source newer than it."""
+    return not built.exists() or built.stat().st_mtime < max(source.stat().st_mtime for source in sources)
 
 
 def cpu_kernels(device: torch.device) -> ModuleType | None:
@@ -196,5 +215,5 @@ from s1serve.layers.kernels.fp8 import (  # noqa: E402
 __all__ = [
     "bf16_kernels", "cpu_flags", "cpu_has_amx_bf16", "cpu_has_avx512_bf16", "cpu_has_avx512_vbmi", "cpu_kernels",
     "fp8_grouped_linear", "fp8_kernels", "fp8_linear", "fused_ops", "grouped_linear", "is_fp8_packed", "is_packed",
-    "linear", "pack", "pack_fp8", "pack_weights",
+    "is_stale", "linear", "pack", "pack_fp8", "pack_weights",
 ]
