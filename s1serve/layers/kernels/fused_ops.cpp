@@ -23,6 +23,41 @@ constexpr int64_t GRAIN_ELEMENTS = 1 << 15;
 
 int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, GRAIN_ELEMENTS / std::max<int64_t>(width, 1)); }
 
+// The lanes of a 16-wide step that hold elements when `left` of them remain.
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
+// 16 bf16 values (mask: which lanes are there) widened to float32.
+inline __m512 load_bf16(const bf16* p, __mmask16 mask) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// float32 -> bf16 bits, to nearest even (PyTorch's rounding; NaN stays NaN).
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+
+// exp(x) for 16 floats: 2^n * p(r), r = x - n ln2 in two parts, p the polynomial of Cephes' expf (within 2 ulp),
+// 2^n applied by scalef (so far-negative x go smoothly to 0); past 88.72, inf; NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 overflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72f), _CMP_GT_OQ);
+  x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));  // NaN passes through
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_mask_mov_ps(_mm512_scalef_ps(y, n), overflow, _mm512_set1_ps(INFINITY));
+}
+
 }  // namespace
 
 // RMSNorm as the published model computes it: y = weight * bf16(x * rsqrt(mean(x^2) + eps)), the statistics in
@@ -92,38 +127,6 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
-// 16 bf16 values (mask: which lanes are there) widened to float32.
-inline __m512 load_bf16(const bf16* p, __mmask16 mask) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-// float32 -> bf16 bits, to nearest even (PyTorch's rounding; NaN stays NaN).
-inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
-
-inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
-}
-
-// exp(x) for 16 floats: 2^n * p(r), r = x - n ln2 in two parts, p the polynomial of Cephes' expf (within 2 ulp),
-// 2^n applied by scalef (so far-negative x go smoothly to 0); past 88.72, inf; NaN stays NaN.
-inline __m512 exp16(__m512 x) {
-  const __mmask16 overflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72f), _CMP_GT_OQ);
-  x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));  // NaN passes through
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_mask_mov_ps(_mm512_scalef_ps(y, n), overflow, _mm512_set1_ps(INFINITY));
-}
-
 // SwiGLU's middle: h [R, 2I] bf16 (gate columns, then up) -> bf16(silu(gate)) * up, [R, I] bf16, each result
 // rounded to bf16 as PyTorch's bf16 ops round it; silu(g) = g / (1 + exp(-g)) in float32, 16 lanes at a time.
 torch::Tensor silu_mul(torch::Tensor h) {
@@ -138,10 +141,10 @@ torch::Tensor silu_mul(torch::Tensor h) {
       const bf16* gate = hp + r * 2 * I;
       const bf16* up = gate + I;
       for (int64_t i = 0; i < I; i += 16) {
-        const __mmask16 mask = I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - i)) - 1);
+        const __mmask16 mask = tail_mask(I - i);
         const __m512 g = load_bf16(gate + i, mask);
-        const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(
-                                                              _mm512_setzero_ps(), g)))));
+        const __m512 exp_minus_g = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp_minus_g)));
         _mm256_mask_storeu_epi16(op + r * I + i, mask, to_bf16(_mm512_mul_ps(silu, load_bf16(up + i, mask))));
       }
     }
