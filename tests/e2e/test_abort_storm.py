@@ -35,6 +35,10 @@ def server(tiny_checkpoint, tmp_path_factory):
     server = start_api_server(
         tiny_checkpoint, tmp_path_factory.mktemp("storm") / "server.log", "--dtype", "bfloat16", "--model-name", "m",
         "--max-model-len", "4096", "--num-kv-blocks", "1024", "--block-size", "16", "--max-num-batched-tokens", "512",
+        # every request of the storm must be taken, so that every one is aborted: the default token limit (the KV
+        # cache, 16384) refused one at random when a wave's ~15 long prompts waited at once on a slow CI machine.
+        # Refusals have their own tests (test_admission.py).
+        "--max-num-queued-tokens", "1048576",
     )
     yield server
     stop(server)
