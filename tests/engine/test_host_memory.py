@@ -1,4 +1,5 @@
-"""The engine's kernel caches stay bounded: a process that meets hundreds of matmul shapes holds a few MiB for them.
+"""The engine's host memory: its kernel caches stay bounded (a process that meets hundreds of matmul shapes holds a
+few MiB for them), and freed large blocks are reused without being faulted in again, then handed back when idle.
 
 Each bf16 matmul shape makes oneDNN build a primitive that torch's two LRU caches keep (0.3-0.6 MiB a shape on an
 AVX512/AMX CPU); unbounded they hold 1024 each. Measured in fresh processes, since both caches read their capacity
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from engine_testing import make_llm
 
@@ -64,3 +66,63 @@ def test_a_users_own_setting_is_kept(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "4096")
     make_llm(tiny_checkpoint, num_kv_blocks=16)
     assert os.environ["LRU_CACHE_CAPACITY"] == "4096"
+
+
+FAULTS = """
+import resource, sys
+import torch
+from s1serve.engine import host_memory
+
+if sys.argv[1] == "reuse":
+    host_memory.reuse_freed_memory()
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+# torch asks for 64-byte aligned blocks, which glibc's heap fits into freed ones only after a few have merged:
+# the first ten or so blocks of a size are faulted in in either mode
+for _ in range(16):
+    torch.ones(48 << 20, dtype=torch.uint8)
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):  # as a step's activations: allocated, written, freed
+    torch.ones(48 << 20, dtype=torch.uint8)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5
+block = torch.ones(256 << 20, dtype=torch.uint8)
+del block
+held = rss_mib()
+host_memory.release_free_memory()
+print(faults, held - rss_mib())
+"""
+
+
+def faults_and_release(mode: str) -> tuple[float, float]:
+    """(page faults per reallocated 48 MiB block, MiB that release_free_memory hands back after a 256 MiB block)"""
+    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+    faults, released = out.stdout.split()
+    return float(faults), float(released)
+
+
+def test_freed_blocks_are_reused_without_faulting_in_and_handed_back_when_idle():
+    default_faults, _ = faults_and_release("default")
+    faults, released = faults_and_release("reuse")
+    pages = (48 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert default_faults > pages / 2, f"glibc's default faulted {default_faults:.0f} pages per block: not mapped anew?"
+    assert faults < pages / 100, f"{faults:.0f} page faults per reused 48 MiB block ({pages} pages)"
+    assert released > 200, f"release_free_memory handed back {released:.0f} of a freed 256 MiB block"
+
+
+def test_the_model_runner_keeps_freed_blocks_for_reuse(tiny_checkpoint):
+    script = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from engine_testing import make_llm
+make_llm({str(tiny_checkpoint)!r}, num_kv_blocks=16)
+for _ in range(16):
+    torch.ones(48 << 20, dtype=torch.uint8)
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(48 << 20, dtype=torch.uint8)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) < 100
