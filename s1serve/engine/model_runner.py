@@ -25,7 +25,7 @@ from s1serve.engine.host_memory import bound_kernel_caches, reuse_freed_memory
 from s1serve.engine.kv_cache import allocate_kv_cache, num_blocks_for_memory
 from s1serve.engine.prompt_logprobs import PromptScoring, score_prompt_rows
 from s1serve.layers import kernels
-from s1serve.layers.attention import AttentionBatch
+from s1serve.layers.attention import AttentionBatch, kernel_context
 from s1serve.layers.sampler import TokenLogprob
 
 
@@ -102,6 +102,7 @@ class ModelRunner:
         self.caches = allocate_kv_cache(
             model.config.text, num_blocks, block_size, self.dtype, self.device, kv_heads=model.num_local_kv_heads
         )
+        self.kernel_below = kernel_context(self.dtype, self.device, model.config.text.head_dim)
 
     @torch.inference_mode()
     def hidden_states(self, seqs: list[StepSequence]) -> torch.Tensor:
@@ -116,6 +117,7 @@ class ModelRunner:
             [s.block_table for s in seqs],
             self.block_size,
             self.device,
+            self.kernel_below,
         )
         ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long).to(self.device)
         return self.model(ids, batch.positions, self.caches, batch, inputs_embeds=self._embeds(seqs, ids))

@@ -6,10 +6,15 @@ this rank attends with); a sequence owns the blocks listed in its row of the blo
 prefill chunks and decode tokens: every sequence contributes `query_len` new tokens that sit after `context_len`
 cached ones.
 
-The CPU path gathers each sequence's keys by block table and runs a grouped matmul -> float32 softmax -> matmul
-(query heads grouped under their KV head), which measured far faster than SDPA for one-token queries in bf16.
-Sequences are padded within groups of similar shape; decode and prefill go through the same code, so a token's
-result does not depend on how its sequence was scheduled (the bf16 CPU kernels are row-invariant).
+Two paths, chosen by each token's position alone, so that a token's result never depends on how its sequence was
+scheduled (prefill chunk, decode, draft verification, recompute after preemption):
+- below KERNEL_CONTEXT, on a CPU with the kernels: the per-row kernel of fused_ops.cpp, which reads each row's keys
+  in place through its block table;
+- otherwise: each sequence's keys are gathered by block table into a grouped matmul -> float32 softmax -> matmul
+  (query heads grouped under their KV head), which measured far faster than SDPA for one-token queries in bf16.
+  Sequences are padded within groups of similar shape; decode and prefill rows go through the same code (the bf16
+  CPU matmuls are row-invariant).
+Each path is row-invariant on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from s1serve.config import TextConfig
+from s1serve.layers import kernels
 from s1serve.layers.linear import WeightFormats
 from s1serve.layers.norm import RMSNorm
 from s1serve.layers.rotary import apply_rotary
@@ -32,6 +38,13 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 # hold ~2 GB). Kept under glibc's largest mmap threshold (32 MiB), so that a slice's buffers come back from the
 # heap instead of being mapped and page-faulted in anew for every slice.
 SCORE_BYTES = 16 << 20
+
+# Tokens at positions below this attend through the CPU kernel (`fused_ops.cpp`, paged_attention) where it applies:
+# per row, keys read in place, no padding or mask. It is the faster path for decodes and short prompts, but a
+# prefill row costs ~55 instructions per (row, key, KV head) where the batched matmuls amortise theirs over rows:
+# on the bench preset a 4096-token prompt took 7.3 s with the bound at 8192, 4.4 s at 1024 and 4.6 s with no
+# kernel; a 2048-token one 2.4 s at 2048, 1.6 s at 1024, 1.7 s without.
+KERNEL_CONTEXT = 1024
 
 
 @dataclass(frozen=True)
@@ -55,12 +68,32 @@ class AttentionGroup:
 
 
 @dataclass(frozen=True)
+class KernelRows:
+    """The tokens that attend through the CPU kernel (positions below KERNEL_CONTEXT) and where their keys are."""
+
+    rows: torch.Tensor  # [t] rows of the flat batch
+    tables: torch.Tensor  # the step's block tables, flattened
+    table_start: torch.Tensor  # [t] where each row's sequence's table starts in `tables`
+    positions: torch.Tensor  # [t] each row's position: it sees keys 0..position
+    all_rows: bool  # every token of the step is here
+
+
+def kernel_context(cache_dtype: torch.dtype, device: torch.device | str, head_dim: int) -> int:
+    """KERNEL_CONTEXT where the CPU attention kernel takes this cache (bf16 on the CPU, the kernels built, head_dim a
+    multiple of 32 up to 256), else 0: every token then takes the batched matmuls."""
+    if torch.device(device).type != "cpu" or cache_dtype != torch.bfloat16 or head_dim % 32 or head_dim > 256:
+        return 0
+    return KERNEL_CONTEXT if kernels.bf16_kernels() is not None else 0
+
+
+@dataclass(frozen=True)
 class AttentionBatch:
     """Where each token of a flat batch belongs. Built once per step, shared by every layer."""
 
     slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each new token
     positions: torch.Tensor  # [T] position of each new token in its sequence
-    groups: tuple[AttentionGroup, ...]
+    groups: tuple[AttentionGroup, ...]  # the tokens that take the batched matmuls
+    kernel: KernelRows | None = None  # the tokens that take the CPU kernel
 
     @classmethod
     def build(
@@ -70,7 +103,10 @@ class AttentionBatch:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str,
+        kernel_below: int = 0,
     ) -> "AttentionBatch":
+        """`kernel_below`: tokens at positions below it take the CPU kernel (kernel_context's answer; 0: none do).
+        The path depends on the token's position only, so a token's result never depends on how it was scheduled."""
         q_lens = torch.tensor(query_lens, dtype=torch.long)
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_seq = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
@@ -79,11 +115,24 @@ class AttentionBatch:
         table_ids = torch.tensor([b for row in block_tables for b in row], dtype=torch.long)
         table_starts = torch.tensor([0] + [len(row) for row in block_tables[:-1]], dtype=torch.long).cumsum(0)
         slots = table_ids[table_starts[token_seq] + positions // block_size] * block_size + positions % block_size
+        in_kernel = [min(q, max(0, kernel_below - c)) for q, c in zip(query_lens, context_lens)]
+        kernel = None
+        if any(in_kernel):
+            rows = torch.cat([torch.arange(start, start + n) for start, n in zip(starts.tolist(), in_kernel)])
+            kernel = KernelRows(rows=rows.to(device), tables=table_ids.to(device),
+                                table_start=table_starts[token_seq[rows]].to(device),
+                                positions=positions[rows].to(device), all_rows=len(rows) == len(token_seq))
+        # the rest of each sequence's tokens, after its kernel rows, take the batched matmuls
+        rest = [i for i, (q, n) in enumerate(zip(query_lens, in_kernel)) if q > n]
+        rest_q = [query_lens[i] - in_kernel[i] for i in rest]
+        rest_context = [context_lens[i] + in_kernel[i] for i in rest]
+        rest_start = [int(starts[i]) + in_kernel[i] for i in rest]
+        rest_tables = [block_tables[i] for i in rest]
         groups = tuple(
-            _build_group(members, query_lens, context_lens, block_tables, block_size, starts.tolist(), device)
-            for members in _partition(query_lens, context_lens)
+            _build_group(members, rest_q, rest_context, rest_tables, block_size, rest_start, device)
+            for members in _partition(rest_q, rest_context)
         )
-        return cls(slot_mapping=slots.to(device), positions=positions.to(device), groups=groups)
+        return cls(slot_mapping=slots.to(device), positions=positions.to(device), groups=groups, kernel=kernel)
 
 
 def _partition(query_lens: list[int], context_lens: list[int]) -> list[list[int]]:
@@ -152,9 +201,18 @@ def paged_attention(
     kv_heads, _, _, head_dim = k_cache.shape
     k_cache.view(kv_heads, -1, head_dim).index_copy_(1, batch.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
     v_cache.view(kv_heads, -1, head_dim).index_copy_(1, batch.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
-    if len(batch.groups) == 1:
+    kernel = batch.kernel
+    if kernel is not None:
+        attend = kernels.bf16_kernels().paged_attention
+        if kernel.all_rows:
+            return attend(q.contiguous(), k_cache, v_cache, kernel.tables, kernel.table_start, kernel.positions, scale)
+    elif len(batch.groups) == 1:
         return _attend_group(q, cache, batch.groups[0], scale)
     out = torch.empty_like(q)
+    if kernel is not None:
+        rows = attend(q.index_select(0, kernel.rows).contiguous(), k_cache, v_cache, kernel.tables,
+                      kernel.table_start, kernel.positions, scale)
+        out.index_copy_(0, kernel.rows, rows)
     for group in batch.groups:
         out[group.token_index] = _attend_group(q[group.token_index], cache, group, scale)
     return out

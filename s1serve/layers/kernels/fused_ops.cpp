@@ -152,6 +152,129 @@ torch::Tensor silu_mul(torch::Tensor h) {
   return out;
 }
 
+namespace {
+
+// Sixteen float32 vectors -> one vector whose lane j is the sum of v[j]'s 16 lanes: halves added across 256-bit,
+// 128-bit, 64-bit and 32-bit steps, each step folding two vectors into one, then the lanes put back in key order.
+// (The same fixed order for every call, so a score does not depend on the other keys of its 16.)
+inline __m512 sum_lanes16(__m512 v[16]) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(x[i], x[i + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i key_order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(key_order, z);
+}
+
+constexpr int64_t HEADS_AT_ONCE = 4;  // query heads whose value sums share each converted value row
+constexpr int64_t DIM_AT_ONCE = 4;    // 16-wide slices of the head dimension summed per pass over the keys
+
+}  // namespace
+
+// Attention of each query row over its own sequence's keys in the paged cache, read in place: q [T, H, D] bf16,
+// k_cache / v_cache [KVH, blocks, block_size, D] bf16, the step's block tables flattened into `table`, each row's
+// table offset `table_start` [T] and position `positions` [T] (it sees keys 0..position). Per row and KV head, in a
+// fixed order whatever else is in the step: the scores of 16 keys at a time (vdpbf16ps over D, then sum_lanes16),
+// times `scale`; a float32 softmax (max, exp, lane sums over the keys in order); the values summed in float32 with
+// those weights, rounded to bf16 once. Returns [T, H, D] bf16.
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor table,
+                              torch::Tensor table_start, torch::Tensor positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kBFloat16 && q.is_contiguous(), "q must be [T, H, D] bf16");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "the caches must be [KVH, blocks, block_size, D] bf16");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(0), NB = k_cache.size(1),
+                BS = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 32 == 0 && D <= 256 && H % KVH == 0, "unsupported attention shape");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table_start.scalar_type() == at::kLong &&
+                  positions.scalar_type() == at::kLong && table_start.numel() == T && positions.numel() == T,
+              "table, table_start and positions must be int64, one start and position per row");
+  auto tc = table.contiguous(), sc = table_start.contiguous(), pc = positions.contiguous();
+  const int64_t G = H / KVH, chunks = D / 16;
+  auto out = torch::empty_like(q);
+  const bf16* qp = q.data_ptr<bf16>();
+  const bf16* kp = k_cache.data_ptr<bf16>();
+  const bf16* vp = v_cache.data_ptr<bf16>();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  const int64_t* startp = sc.data_ptr<int64_t>();
+  const int64_t* posp = pc.data_ptr<int64_t>();
+  bf16* op = out.data_ptr<bf16>();
+  const float scalef = static_cast<float>(scale);
+  at::parallel_for(0, T * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> probs;             // [G, keys rounded up to 16]: scores, then softmax weights
+    std::vector<int64_t> key_rows;        // where each key's row starts in the K cache, and its value's in V
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / KVH, g = i % KVH, n = posp[t] + 1, width = (n + 15) / 16 * 16;
+      const int64_t* blocks = tp + startp[t];
+      const bf16* qt = qp + (t * H + g * G) * D;
+      probs.resize(G * width);
+      key_rows.resize(n);
+      for (int64_t j = 0; j < n; ++j) key_rows[j] = ((g * NB + blocks[j / BS]) * BS + j % BS) * D;
+      for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        const int64_t keys = std::min<int64_t>(16, n - j0);
+        for (int64_t h = 0; h < G; ++h) {
+          __m512 acc[16];
+          for (int64_t j = 0; j < 16; ++j) {
+            acc[j] = _mm512_setzero_ps();
+            if (j >= keys) continue;
+            for (int64_t c = 0; c < D; c += 32)
+              acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(qt + h * D + c),
+                                        (__m512bh)_mm512_loadu_si512(kp + key_rows[j0 + j] + c));
+          }
+          _mm512_storeu_ps(probs.data() + h * width + j0, _mm512_mul_ps(sum_lanes16(acc), _mm512_set1_ps(scalef)));
+        }
+      }
+      for (int64_t h = 0; h < G; ++h) {
+        float* s = probs.data() + h * width;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j += 16) top = _mm512_max_ps(top, _mm512_maskz_loadu_ps(tail_mask(n - j), s + j));
+        const __m512 topv = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        __m512 lanes = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 mask = tail_mask(n - j);
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + j), topv));
+          _mm512_mask_storeu_ps(s + j, mask, e);
+          lanes = _mm512_mask_add_ps(lanes, mask, lanes, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(lanes));
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 mask = tail_mask(n - j);
+          _mm512_mask_storeu_ps(s + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + j), inv));
+        }
+      }
+      for (int64_t h0 = 0; h0 < G; h0 += HEADS_AT_ONCE) {
+        const int64_t heads = std::min(HEADS_AT_ONCE, G - h0);
+        for (int64_t c0 = 0; c0 < chunks; c0 += DIM_AT_ONCE) {
+          const int64_t slices = std::min(DIM_AT_ONCE, chunks - c0);
+          __m512 acc[HEADS_AT_ONCE][DIM_AT_ONCE];
+          for (int64_t h = 0; h < HEADS_AT_ONCE; ++h)
+            for (int64_t c = 0; c < DIM_AT_ONCE; ++c) acc[h][c] = _mm512_setzero_ps();
+          for (int64_t j = 0; j < n; ++j) {
+            const bf16* vj = vp + key_rows[j] + 16 * c0;
+            __m512 value[DIM_AT_ONCE];
+            for (int64_t c = 0; c < slices; ++c) value[c] = load_bf16(vj + 16 * c, 0xffff);
+            for (int64_t h = 0; h < heads; ++h) {
+              const __m512 w = _mm512_set1_ps(probs[(h0 + h) * width + j]);
+              for (int64_t c = 0; c < slices; ++c) acc[h][c] = _mm512_fmadd_ps(w, value[c], acc[h][c]);
+            }
+          }
+          for (int64_t h = 0; h < heads; ++h) {
+            bf16* o = op + (t * H + g * G + h0 + h) * D + 16 * c0;
+            for (int64_t c = 0; c < slices; ++c) _mm256_storeu_si256((__m256i*)(o + 16 * c), to_bf16(acc[h][c]));
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // The router's choice for each token, as s1serve.layers.moe.select_experts makes it. logits [T, E] (any float
 // dtype): softmax over all E in float32; with G > 1 groups, the top k/G experts inside each of the G equal groups,
 // else the top k overall (ties: the lower id); renormalised to sum to one when asked (with 1e-20 added under groups).
@@ -320,6 +443,7 @@ void register_fused_ops(pybind11::module& m) {
   m.def("greedy", &greedy, "the first index of each row's largest value (argmax's rule) of float32 logits");
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows (float32 statistics, weight applied in bf16)");
   m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin of [T, H, D] bf16, rounded as PyTorch's bf16 ops");
+  m.def("paged_attention", &paged_attention, "each row's attention over its own keys in the paged cache, in place");
   m.def("silu_mul", &silu_mul, "bf16(silu(gate)) * up of [R, 2I] bf16 rows");
   m.def("select_experts", &select_experts, "softmax and (grouped) top-k routing: ids, weights");
   m.def("sort_rows", &sort_rows, "the held experts' (token, slot) rows by expert: token_of_row, row_weight, ends");
