@@ -124,7 +124,11 @@ class AsyncEngine(ClientSide):
         ticker = EngineTicker(engine, self._clock)
         try:
             while not self.errored:
-                commands = [self._commands.get()] if ticker.idle else []
+                wait = ticker.wait_s()
+                try:
+                    commands = [self._commands.get(timeout=wait)] if wait != 0 else []
+                except queue.Empty:  # idle long enough: the tick releases freed memory
+                    commands = []
                 while not self._commands.empty():
                     commands.append(self._commands.get_nowait())
                 for command in commands:

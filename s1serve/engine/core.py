@@ -109,7 +109,7 @@ class EngineCore:
         ticker = EngineTicker(engine, self._clock, self._test_step_sleep_s)
         try:
             while True:
-                self._receive(block=ticker.idle)
+                self._receive(ticker.wait_s())
                 deltas = ticker.tick()
                 if deltas:
                     self._publish(deltas)
@@ -123,10 +123,12 @@ class EngineCore:
             self._context.destroy(linger=0)
             engine.shutdown()
 
-    def _receive(self, block: bool) -> None:
-        """Handles every message waiting (after waiting for the first one when `block`)."""
-        if block:
+    def _receive(self, wait_s: float | None) -> None:
+        """Handles every message waiting, after waiting up to `wait_s` (None: without limit) for the first one."""
+        if wait_s is None:
             self._poller.poll()
+        elif wait_s > 0:
+            self._poller.poll(wait_s * 1000)
         while True:
             handled = False
             try:

@@ -1,6 +1,10 @@
-"""EngineTicker hands freed host memory back to the OS once, as the last request ends, and not while work goes on."""
+"""EngineTicker hands freed host memory back to the OS once the engine has stayed without requests for
+RELEASE_AFTER_IDLE_S: not while work goes on, not as a burst drains (the next one would fault the heap in again),
+and once only; the loop is told how long it may block so that the release comes on time."""
 
 from __future__ import annotations
+
+import time
 
 from engine_testing import make_llm, random_prompts
 
@@ -9,21 +13,39 @@ from s1serve.engine import ticker as ticker_module
 from s1serve.engine.step_clock import StepClock
 from s1serve.engine.ticker import EngineTicker
 
+DELAY_S = 0.3
 
-def test_free_memory_is_released_once_when_the_last_request_ends(tiny_checkpoint, monkeypatch):
-    engine = make_llm(tiny_checkpoint, num_kv_blocks=64).engine
-    open_at_release: list[int] = []
-    monkeypatch.setattr(ticker_module, "release_free_memory", lambda: open_at_release.append(len(engine.requests)))
-    ticker = EngineTicker(engine, StepClock())
-    short, long = random_prompts(2, 5, 20, seed=3)
-    engine.add_request("short", short, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-    engine.add_request("long", long, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    steps = 0
+
+def run_to_end(engine, ticker: EngineTicker, released: list[int], prompts: list[list[int]]) -> None:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{time.monotonic()}-{i}", prompt,
+                           SamplingParams(temperature=0, max_tokens=2 + 4 * i, ignore_eos=True))
     while engine.has_unfinished_requests():
+        assert ticker.wait_s() == 0  # work to do: the loop must not block
         ticker.tick()
-        steps += 1
-        if engine.has_unfinished_requests():
-            assert open_at_release == [], f"released while requests ran (step {steps})"
-    assert steps >= 6 and open_at_release == [0]
-    ticker.tick()  # nothing to do: no step, nothing released again
-    assert open_at_release == [0]
+        assert released == [] or not engine.has_unfinished_requests(), "released while requests ran"
+
+
+def test_free_memory_is_released_once_after_the_engine_stays_idle(tiny_checkpoint, monkeypatch):
+    engine = make_llm(tiny_checkpoint, num_kv_blocks=64).engine
+    released: list[int] = []
+    monkeypatch.setattr(ticker_module, "release_free_memory", lambda: released.append(len(engine.requests)))
+    monkeypatch.setattr(ticker_module, "RELEASE_AFTER_IDLE_S", DELAY_S)
+    ticker = EngineTicker(engine, StepClock())
+    assert ticker.wait_s() is None  # idle from the start, nothing to release: block without limit
+    prompts = random_prompts(2, 5, 20, seed=3)
+
+    run_to_end(engine, ticker, released, prompts)
+    ticker.tick()
+    assert released == [] and 0 < ticker.wait_s() <= DELAY_S  # drained: the release waits
+
+    run_to_end(engine, ticker, released, prompts)  # a new burst within the delay: nothing was released
+    assert released == []
+    wait = ticker.wait_s()
+    assert 0 < wait <= DELAY_S
+    time.sleep(wait)
+    ticker.tick()
+    assert released == [0] and ticker.wait_s() is None
+    time.sleep(DELAY_S)
+    ticker.tick()  # idle again: nothing more to release
+    assert released == [0]
