@@ -7,9 +7,10 @@ goes back to the head of the queue, to be recomputed later from its tokens (the 
 of them). A decoding sequence may bring draft tokens to verify (speculative decoding): they count against the
 budget and get blocks like any new token, and are dropped (not preempted for) when budget or blocks lack.
 Then waiting sequences are admitted first come, first served while budget, blocks and the sequence cap
-allow; a long prompt is split into chunks over several steps. In a step where some sequences decode, each
-prompt chunk is also held within a token and an attention-cost bound (chunk_beside_decodes), so a long prompt
-does not stretch their inter-token latency; without decodes a chunk takes the whole budget. A sequence alone
+allow; a long prompt is split into chunks over several steps. In a step where some sequences decode or wait,
+each prompt chunk is also held within a token and an attention-cost bound (chunk_beside_decodes), so a long
+prompt neither stretches their inter-token latency nor keeps a new request out for the whole of its prefill;
+with no one else a chunk takes the whole budget. A sequence alone
 that cannot get a block even after every other one was preempted has outgrown the cache: it is reported as
 infeasible.
 """
@@ -67,11 +68,15 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         decoding = any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
+        # while others decode or wait to be admitted, a prompt's chunk is bounded, so that the step stays short and
+        # leaves budget for them (a long prompt running alone would otherwise hold the whole budget, and a request
+        # arriving meanwhile would wait for all of its prefill)
+        others = decoding or bool(self.waiting)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if decoding:
+            if others:
                 num_new = chunk_beside_decodes(num_new, seq.num_computed_tokens, self.config)
             seq.draft_ids = self._drafts(seq, num_new, budget)
             num_new += len(seq.draft_ids)
@@ -93,7 +98,7 @@ class Scheduler:
             cached = self.blocks.cached_prefix(seq)
             context = len(cached) * self.blocks.block_size
             num_new = min(seq.num_tokens - context, budget)
-            if decoding:
+            if decoding or len(self.waiting) > 1:
                 num_new = chunk_beside_decodes(num_new, context, self.config)
             if not self.blocks.can_admit(cached, num_new):
                 break

@@ -132,3 +132,14 @@ def test_without_bounds_a_chunk_beside_a_decode_takes_the_rest_of_the_budget():
                  max_prefill_pairs_while_decoding=0)
     chunks = prefill_beside_a_decode(sched, 60000, decode_until=60000)
     assert {n for _, n in chunks[:-1]} == {2047}
+
+
+def test_a_request_arriving_during_a_lone_long_prefill_is_admitted_at_the_next_step():
+    sched = make(num_blocks=5000, max_num_batched_tokens=2048)
+    long = add(sched, 60000)
+    for _ in range(3):
+        assert step(sched) == {id(long): 2048}
+    short = add(sched, 10)
+    # the long chunk bounded as beside a decode (42 x (6144 + 42) pairs <= 2**18), the newcomer's prompt beside it
+    assert step(sched) == {id(long): 42, id(short): 10}
+    assert step(sched)[id(short)] == 1  # and it decodes from now on
