@@ -19,8 +19,10 @@ And one thing made prefill slow: glibc serves a block of more than its mmap thre
 gathers 32 MiB of rows and writes 25 MiB of gate/up outputs) were page-faulted in anew, 4 KiB at a time: a
 2048-token prefill step took ~800 ms, ~640 ms with the blocks kept. `reuse_freed_memory` turns glibc's mmap off
 (large blocks come from the heap like small ones, and its backup mapping still serves one the heap cannot) and
-stops it trimming the heap's top on each free, as vLLM's CPU build gets by preloading tcmalloc. The freed memory
-is kept while requests run and handed back by malloc_trim when the last one ends.
+stops it trimming the heap's top on each free, as vLLM's CPU build gets by preloading tcmalloc. Only the engine
+process of a server turns it on (entrypoints/api_server.py, once its model is loaded), whose ticker hands the
+freed memory back after a while without requests; a process that builds and drops many engines (the offline `LLM`
+in a test suite) would otherwise keep every freed block (a test run's process reached 19 GiB).
 """
 
 from __future__ import annotations

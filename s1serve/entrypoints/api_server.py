@@ -35,6 +35,7 @@ from s1serve.engine.client import EngineDeadError
 from s1serve.engine.config import EngineConfig
 from s1serve.engine.core import EngineAddresses, EngineCore
 from s1serve.engine.core_client import EngineProcessClient, stop_process
+from s1serve.engine.host_memory import reuse_freed_memory
 from s1serve.entrypoints.engine import build_engine
 from s1serve.errors import S1ServeError
 from s1serve.parallel.config import ParallelConfig
@@ -105,6 +106,7 @@ def run_engine_core(args: argparse.Namespace, parallel: ParallelConfig, rank: in
     except (S1ServeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    reuse_freed_memory()  # from the first step on: this process serves one model for its whole life
     EngineCore(engine, addresses).run()
 
 
