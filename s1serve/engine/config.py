@@ -13,7 +13,7 @@ class EngineConfig:
     cache_max_entry_count: float = 0.8  # fraction of free device memory (after the weights) given to the KV cache
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_num_seqs: int = 256  # sequences running at once
-    # While other sequences decode or wait, one prompt chunk of a step takes at most this many tokens and this many
+    # While other sequences decode, one prompt chunk of a step takes at most this many tokens and this many
     # (query x key) attention pairs, so that the step stays close to a decode step; 0: no bound.
     max_prefill_tokens_while_decoding: int = 256
     max_prefill_pairs_while_decoding: int = 1 << 18
@@ -68,9 +68,9 @@ _HELP = {
     "max_num_batched_tokens": "most tokens (prefill chunks + decodes) in one engine step",
     "max_num_seqs": "most sequences running at once",
     "max_prefill_tokens_while_decoding": "most tokens of one prompt chunk in a step where other sequences decode "
-    "or wait (0: no bound beyond --max-num-batched-tokens); keeps their inter-token latency close to a decode step",
+    "(0: no bound beyond --max-num-batched-tokens); keeps their inter-token latency close to a decode step",
     "max_prefill_pairs_while_decoding": "most (query x key) attention pairs of one prompt chunk in a step where "
-    "other sequences decode or wait (0: no bound): a chunk deep into a long prompt gets fewer tokens",
+    "other sequences decode (0: no bound): a chunk deep into a long prompt gets fewer tokens",
     "max_model_len": "most tokens (prompt + output) of one sequence (default: the model's max positions)",
     "enable_prefix_caching": "reuse the KV blocks of identical prompt prefixes",
     "seed": "seed for the generators of requests that set no seed",

@@ -7,10 +7,10 @@ goes back to the head of the queue, to be recomputed later from its tokens (the 
 of them). A decoding sequence may bring draft tokens to verify (speculative decoding): they count against the
 budget and get blocks like any new token, and are dropped (not preempted for) when budget or blocks lack.
 Then waiting sequences are admitted first come, first served while budget, blocks and the sequence cap
-allow; a long prompt is split into chunks over several steps. In a step where some sequences decode or wait,
-each prompt chunk is also held within a token and an attention-cost bound (chunk_beside_decodes), so a long
-prompt neither stretches their inter-token latency nor keeps a new request out for the whole of its prefill;
-with no one else a chunk takes the whole budget. A sequence alone
+allow; a long prompt is split into chunks over several steps. In a step where some sequences decode, each
+prompt chunk is also held within a token and an attention-cost bound (chunk_beside_decodes), so a long prompt
+does not stretch their inter-token latency; without decodes a running prompt's chunk takes the budget but for
+the first chunk of the head of the queue, so that a request arriving during a long prefill is admitted at once. A sequence alone
 that cannot get a block even after every other one was preempted has outgrown the cache: it is reported as
 infeasible.
 """
@@ -68,16 +68,17 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         decoding = any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
-        # while others decode or wait to be admitted, a prompt's chunk is bounded, so that the step stays short and
-        # leaves budget for them (a long prompt running alone would otherwise hold the whole budget, and a request
-        # arriving meanwhile would wait for all of its prefill)
-        others = decoding or bool(self.waiting)
+        # without decodes, a running prompt still leaves room for the head of the queue (else a long prompt running
+        # alone would hold the whole budget, and a request arriving meanwhile would wait for all of its prefill)
+        reserve = 0 if decoding or not self.waiting else self._first_chunk(self.waiting[0], budget)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if others:
+            if decoding:
                 num_new = chunk_beside_decodes(num_new, seq.num_computed_tokens, self.config)
+            elif num_new > 1:
+                num_new = max(1, min(num_new, budget - reserve))
             seq.draft_ids = self._drafts(seq, num_new, budget)
             num_new += len(seq.draft_ids)
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out):
@@ -98,7 +99,7 @@ class Scheduler:
             cached = self.blocks.cached_prefix(seq)
             context = len(cached) * self.blocks.block_size
             num_new = min(seq.num_tokens - context, budget)
-            if decoding or len(self.waiting) > 1:
+            if decoding:
                 num_new = chunk_beside_decodes(num_new, context, self.config)
             if not self.blocks.can_admit(cached, num_new):
                 break
@@ -111,6 +112,12 @@ class Scheduler:
             out.scheduled.append((seq, num_new))
             budget -= num_new
         return out
+
+    def _first_chunk(self, seq: Sequence, budget: int) -> int:
+        """The tokens a waiting sequence would ask for in its first step: its prompt, up to the bound of a chunk
+        beside decodes (the head of the queue decodes soon after)."""
+        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        return min(num_new, self.config.max_prefill_tokens_while_decoding or num_new)
 
     def _drafts(self, seq: Sequence, num_new: int, budget: int) -> list[int]:
         if self.propose is None or budget <= num_new:
