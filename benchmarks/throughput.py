@@ -40,6 +40,7 @@ from machine import describe_machine  # noqa: E402
 
 from s1serve import LLM, SamplingParams  # noqa: E402
 from s1serve.checkpoint.tiny import write_tiny_checkpoint  # noqa: E402
+from s1serve.engine.host_memory import huge_page_empty  # noqa: E402
 from s1serve.layers.moe import SparseMoE  # noqa: E402
 
 DEFAULT_MODEL = Path(os.environ.get("S1SERVE_CACHE", Path.home() / ".cache" / "s1serve")) / "bench-qwen3_moe-seed0"
@@ -94,16 +95,18 @@ print(json.dumps(result))
 
 
 def read_bandwidth(repeats: int = 10) -> float:
-    """Bytes/s of a sum over 1 GiB, the fastest of `repeats` (the roofline's denominator: the highest read rate
-    seen, so that a run disturbed by other jobs cannot inflate the share of the roofline)."""
-    x = torch.ones(256 << 20, dtype=torch.float32)
-    x.sum()
+    """Bytes/s of a sum over 1 GiB, the fastest of `repeats` on 4 KiB pages and on huge pages (the roofline's
+    denominator: the highest read rate seen, so that neither a run disturbed by other jobs nor the weights' own
+    huge pages, host_memory.place_on_huge_pages, can inflate the share of the roofline)."""
+    plain = torch.ones(256 << 20, dtype=torch.float32)
+    huge = huge_page_empty((256 << 20,), torch.float32).fill_(1.0)
+    plain.sum(), huge.sum()
     times = []
-    for _ in range(repeats):
+    for x in (plain, huge) * repeats:
         t = time.perf_counter()
         x.sum()
         times.append(time.perf_counter() - t)
-    return x.nbytes / min(times)
+    return plain.nbytes / min(times)
 
 
 def decode_bytes_per_token(model: torch.nn.Module) -> int:

@@ -23,13 +23,22 @@ stops it trimming the heap's top on each free, as vLLM's CPU build gets by prelo
 process of a server turns it on (entrypoints/api_server.py, once its model is loaded), whose ticker hands the
 freed memory back after a while without requests; a process that builds and drops many engines (the offline `LLM`
 in a test suite) would otherwise keep every freed block (a test run's process reached 19 GiB).
+
+And weights stream faster from huge pages: a decode step reads every weight it uses once, at memory speed, and on
+4 KiB pages that stream takes a TLB miss each 4 KiB (a two-level page walk in a VM). Linux gives transparent huge
+pages (2 MiB) only to memory advised for them when its setting is `madvise`, the common default, so
+`place_on_huge_pages` moves the model's large weights onto such memory (see docs/engine.md for what it measured).
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from collections.abc import Callable
+
+import torch
+from torch import nn
 
 KERNEL_CACHE_ENTRIES = 128
 KERNEL_CACHE_VARIABLES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
@@ -38,6 +47,8 @@ _libc = ctypes.CDLL(None)
 _malloc_trim: Callable[[int], int] | None = getattr(_libc, "malloc_trim", None)
 _mallopt: Callable[[int, int], int] | None = getattr(_libc, "mallopt", None)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
+HUGE_PAGE_BYTES = 2 << 20
+_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 
 
 def bound_kernel_caches() -> None:
@@ -54,3 +65,27 @@ def reuse_freed_memory() -> None:
 def release_free_memory() -> None:
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor on fresh memory advised for transparent huge pages (starting on a 2 MiB boundary,
+    so that every whole 2 MiB of it can be one page), before anything touches it; plain torch.empty where the
+    platform has no such advice."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if _MADV_HUGEPAGE is None:
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE)  # shared memory would not take them
+    region.madvise(_MADV_HUGEPAGE)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    start = -raw.data_ptr() % HUGE_PAGE_BYTES
+    return raw[start : start + nbytes].view(dtype).view(shape)
+
+
+def place_on_huge_pages(model: nn.Module) -> None:
+    """Moves each contiguous CPU parameter of at least one huge page onto huge-page memory (one at a time: the peak
+    is the model plus its largest parameter)."""
+    for param in model.parameters():
+        if param.device.type == "cpu" and param.nbytes >= HUGE_PAGE_BYTES and param.is_contiguous():
+            moved = huge_page_empty(tuple(param.shape), param.dtype)
+            moved.copy_(param.data)
+            param.data = moved

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from s1serve.engine.config import EngineConfig, flag
-from s1serve.engine.host_memory import bound_kernel_caches
+from s1serve.engine.host_memory import bound_kernel_caches, place_on_huge_pages
 from s1serve.engine.kv_cache import allocate_kv_cache, num_blocks_for_memory
 from s1serve.engine.prompt_logprobs import PromptScoring, score_prompt_rows
 from s1serve.layers import kernels
@@ -92,6 +92,7 @@ class ModelRunner:
         # bf16 or FP8 weights, bf16 activations, a CPU with AVX512-BF16: the kernels' layout, from now on. The
         # activations take the embedding's dtype (FP8 weights do not tell it).
         kernels.pack_weights(model, model.embed_tokens.weight.dtype)
+        place_on_huge_pages(model)  # each step streams them: fewer TLB misses
         param = next(model.parameters())
         self.model = model
         self.device = param.device

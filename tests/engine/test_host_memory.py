@@ -1,5 +1,6 @@
 """The engine's host memory: its kernel caches stay bounded (a process that meets hundreds of matmul shapes holds a
-few MiB for them), and freed large blocks are reused without being faulted in again, then handed back when idle.
+few MiB for them), freed large blocks are reused without being faulted in again, then handed back when idle, and
+large weights sit on memory advised for huge pages.
 
 Each bf16 matmul shape makes oneDNN build a primitive that torch's two LRU caches keep (0.3-0.6 MiB a shape on an
 AVX512/AMX CPU); unbounded they hold 1024 each. Measured in fresh processes, since both caches read their capacity
@@ -14,7 +15,15 @@ import sys
 
 from engine_testing import make_llm
 
-from s1serve.engine.host_memory import KERNEL_CACHE_ENTRIES, KERNEL_CACHE_VARIABLES
+import torch
+
+from s1serve.engine.host_memory import (
+    HUGE_PAGE_BYTES,
+    KERNEL_CACHE_ENTRIES,
+    KERNEL_CACHE_VARIABLES,
+    huge_page_empty,
+    place_on_huge_pages,
+)
 
 SHAPES = """
 import ctypes, sys
@@ -109,3 +118,43 @@ def test_freed_blocks_are_reused_without_faulting_in_and_handed_back_when_idle()
     assert default_faults > pages / 2, f"glibc's default faulted {default_faults:.0f} pages per block: not mapped anew?"
     assert faults < pages / 100, f"{faults:.0f} page faults per reused 48 MiB block ({pages} pages)"
     assert released > 200, f"release_free_memory handed back {released:.0f} of a freed 256 MiB block"
+
+
+def advised_for_huge_pages(address: int) -> bool:
+    """Whether the mapping that holds `address` carries MADV_HUGEPAGE ("hg" among its VmFlags in /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head, *rest = line.split()
+            if rest and "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
+                start, end = (int(bound, 16) for bound in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return "hg" in rest
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_huge_page_memory_starts_on_a_huge_page_is_advised_and_holds_what_is_written():
+    t = huge_page_empty((3, 1 << 20), torch.bfloat16)
+    t.copy_(torch.arange(3 << 20, dtype=torch.float32).view(3, 1 << 20) % 251)
+    assert t.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert advised_for_huge_pages(t.data_ptr()) and advised_for_huge_pages(t.data_ptr() + t.nbytes - 1)
+    assert torch.equal(t.float(), torch.arange(3 << 20, dtype=torch.float32).view(3, 1 << 20) % 251)
+    assert not advised_for_huge_pages(torch.empty(3 << 20, dtype=torch.bfloat16).data_ptr())  # the check can fail
+
+
+def test_placing_on_huge_pages_moves_large_parameters_and_keeps_their_values():
+    model = torch.nn.Sequential(torch.nn.Embedding(4096, 256), torch.nn.Linear(256, 8))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    place_on_huge_pages(model)
+    assert advised_for_huge_pages(model[0].weight.data_ptr())  # 4 MiB
+    assert not advised_for_huge_pages(model[1].weight.data_ptr())  # 8 KiB: left where it was
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert isinstance(model[0].weight, torch.nn.Parameter)
+
+
+def test_the_model_runner_puts_the_large_weights_on_huge_pages(tiny_checkpoint):
+    model = make_llm(tiny_checkpoint, num_kv_blocks=16).engine.runner.model
+    large = {name: p for name, p in model.named_parameters() if p.nbytes >= HUGE_PAGE_BYTES}
+    assert large, "the tiny checkpoint has no parameter of a huge page or more"
+    assert all(advised_for_huge_pages(p.data_ptr()) for p in large.values()), sorted(large)
