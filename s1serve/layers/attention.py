@@ -75,7 +75,6 @@ class KernelRows:
     tables: torch.Tensor  # the step's block tables, flattened
     table_start: torch.Tensor  # [t] where each row's sequence's table starts in `tables`
     positions: torch.Tensor  # [t] each row's position: it sees keys 0..position
-    all_rows: bool  # every token of the step is here
 
 
 def kernel_context(cache_dtype: torch.dtype, device: torch.device | str, head_dim: int) -> int:
@@ -121,7 +120,7 @@ class AttentionBatch:
             rows = torch.cat([torch.arange(start, start + n) for start, n in zip(starts.tolist(), in_kernel)])
             kernel = KernelRows(rows=rows.to(device), tables=table_ids.to(device),
                                 table_start=table_starts[token_seq[rows]].to(device),
-                                positions=positions[rows].to(device), all_rows=len(rows) == len(token_seq))
+                                positions=positions[rows].to(device))
         # the rest of each sequence's tokens, after its kernel rows, take the batched matmuls
         rest = [i for i, (q, n) in enumerate(zip(query_lens, in_kernel)) if q > n]
         rest_q = [query_lens[i] - in_kernel[i] for i in rest]
@@ -204,7 +203,7 @@ def paged_attention(
     kernel = batch.kernel
     if kernel is not None:
         attend = kernels.bf16_kernels().paged_attention
-        if kernel.all_rows:
+        if kernel.rows.numel() == q.shape[0]:  # every token of the step
             return attend(q.contiguous(), k_cache, v_cache, kernel.tables, kernel.table_start, kernel.positions, scale)
     elif len(batch.groups) == 1:
         return _attend_group(q, cache, batch.groups[0], scale)
