@@ -27,7 +27,8 @@ in a test suite) would otherwise keep every freed block (a test run's process re
 And weights stream faster from huge pages: a decode step reads every weight it uses once, at memory speed, and on
 4 KiB pages that stream takes a TLB miss each 4 KiB (a two-level page walk in a VM). Linux gives transparent huge
 pages (2 MiB) only to memory advised for them when its setting is `madvise`, the common default, so
-`place_on_huge_pages` moves the model's large weights onto such memory (see docs/engine.md for what it measured).
+`place_on_huge_pages` moves the model's large weights onto such memory (see docs/engine.md for what it measured;
+S1SERVE_HUGE_PAGES=0 leaves them where they are).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ _mallopt: Callable[[int, int], int] | None = getattr(_libc, "mallopt", None)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
 HUGE_PAGE_BYTES = 2 << 20
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+HUGE_PAGES_SWITCH = "S1SERVE_HUGE_PAGES"
 
 
 def bound_kernel_caches() -> None:
@@ -83,7 +85,9 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def place_on_huge_pages(model: nn.Module) -> None:
     """Moves each contiguous CPU parameter of at least one huge page onto huge-page memory (one at a time: the peak
-    is the model plus its largest parameter)."""
+    is the model plus its largest parameter); nothing where S1SERVE_HUGE_PAGES=0."""
+    if os.environ.get(HUGE_PAGES_SWITCH, "1") == "0":
+        return
     for param in model.parameters():
         if param.device.type == "cpu" and param.nbytes >= HUGE_PAGE_BYTES and param.is_contiguous():
             moved = huge_page_empty(tuple(param.shape), param.dtype)

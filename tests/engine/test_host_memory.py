@@ -19,6 +19,7 @@ import torch
 
 from s1serve.engine.host_memory import (
     HUGE_PAGE_BYTES,
+    HUGE_PAGES_SWITCH,
     KERNEL_CACHE_ENTRIES,
     KERNEL_CACHE_VARIABLES,
     huge_page_empty,
@@ -158,3 +159,9 @@ def test_the_model_runner_puts_the_large_weights_on_huge_pages(tiny_checkpoint):
     large = {name: p for name, p in model.named_parameters() if p.nbytes >= HUGE_PAGE_BYTES}
     assert large, "the tiny checkpoint has no parameter of a huge page or more"
     assert all(advised_for_huge_pages(p.data_ptr()) for p in large.values()), sorted(large)
+
+
+def test_huge_pages_can_be_turned_off(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv(HUGE_PAGES_SWITCH, "0")
+    model = make_llm(tiny_checkpoint, num_kv_blocks=16).engine.runner.model
+    assert not any(advised_for_huge_pages(p.data_ptr()) for p in model.parameters() if p.nbytes >= HUGE_PAGE_BYTES)
