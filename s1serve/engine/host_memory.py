@@ -85,8 +85,9 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def place_on_huge_pages(model: nn.Module) -> None:
     """Moves each contiguous CPU parameter of at least one huge page onto huge-page memory (one at a time: the peak
-    is the model plus its largest parameter); nothing where S1SERVE_HUGE_PAGES=0."""
-    if os.environ.get(HUGE_PAGES_SWITCH, "1") == "0":
+    is the model plus its largest parameter); nothing where S1SERVE_HUGE_PAGES=0 or the platform has no such advice
+    (a copy would gain nothing)."""
+    if os.environ.get(HUGE_PAGES_SWITCH, "1") == "0" or _MADV_HUGEPAGE is None:
         return
     for param in model.parameters():
         if param.device.type == "cpu" and param.nbytes >= HUGE_PAGE_BYTES and param.is_contiguous():

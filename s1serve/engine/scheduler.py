@@ -1,18 +1,18 @@
 """Who computes what in the next step.
 
-Running sequences go first, oldest first: each gets its next token (decode) or its next prompt chunk, within a
-token budget per step. (A sequence is only admitted behind a prompt chunk that completed its prompt, so the
-decoding sequences always come before the prefilling ones and no prompt chunk can starve a decode.) When blocks run out, the newest running sequence is preempted: its blocks are freed and it
-goes back to the head of the queue, to be recomputed later from its tokens (the prefix cache usually keeps most
-of them). A decoding sequence may bring draft tokens to verify (speculative decoding): they count against the
-budget and get blocks like any new token, and are dropped (not preempted for) when budget or blocks lack.
-Then waiting sequences are admitted first come, first served while budget, blocks and the sequence cap
-allow; a long prompt is split into chunks over several steps. In a step where some sequences decode, each
-prompt chunk is also held within a token and an attention-cost bound (chunk_beside_decodes), so a long prompt
-does not stretch their inter-token latency; without decodes a running prompt's chunk takes the budget but for
-the first chunk of the head of the queue, so that a request arriving during a long prefill is admitted at once. A sequence alone
-that cannot get a block even after every other one was preempted has outgrown the cache: it is reported as
-infeasible.
+Running sequences go first, oldest first: each gets its next token (decode) or its next prompt chunk, within a token
+budget per step. (A sequence is only admitted behind a prompt chunk that completed its prompt, so the decoding
+sequences always come before the prefilling ones and no prompt chunk can starve a decode.) When blocks run out, the
+newest running sequence is preempted: its blocks are freed and it goes back to the head of the queue, to be
+recomputed later from its tokens (the prefix cache usually keeps most of them). A decoding sequence may bring draft
+tokens to verify (speculative decoding): they count against the budget and get blocks like any new token, and are
+dropped (not preempted for) when budget or blocks lack. Then waiting sequences are admitted first come, first served
+while budget, blocks and the sequence cap allow; a long prompt is split into chunks over several steps. In a step
+where some sequences decode, each prompt chunk is also held within a token and an attention-cost bound
+(chunk_beside_decodes), so a long prompt does not stretch their inter-token latency; without decodes a running
+prompt's chunk takes the budget but for the first chunk of the head of the queue, so that a request arriving during
+a long prefill is admitted at once. A sequence alone that cannot get a block even after every other one was
+preempted has outgrown the cache: it is reported as infeasible.
 """
 
 from __future__ import annotations

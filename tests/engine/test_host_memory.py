@@ -9,6 +9,7 @@ once, at the process's first primitive.
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -141,7 +142,8 @@ def test_huge_page_memory_starts_on_a_huge_page_is_advised_and_holds_what_is_wri
     assert t.data_ptr() % HUGE_PAGE_BYTES == 0
     assert advised_for_huge_pages(t.data_ptr()) and advised_for_huge_pages(t.data_ptr() + t.nbytes - 1)
     assert torch.equal(t.float(), torch.arange(3 << 20, dtype=torch.float32).view(3, 1 << 20) % 251)
-    assert not advised_for_huge_pages(torch.empty(3 << 20, dtype=torch.bfloat16).data_ptr())  # the check can fail
+    unadvised = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE)  # the same kind of mapping, without the advice
+    assert not advised_for_huge_pages(torch.frombuffer(unadvised, dtype=torch.uint8).data_ptr())  # the check can fail
 
 
 def test_placing_on_huge_pages_moves_large_parameters_and_keeps_their_values():
