@@ -107,6 +107,22 @@ def test_combine_sums_each_tokens_weighted_rows(ops):
     assert out[7].abs().sum() == 0
 
 
+@pytest.mark.parametrize("width", [64, 1000])  # whole 16-lane steps, and a masked tail
+def test_combine_is_each_tokens_float32_sum_in_row_order_bitwise(ops, width):
+    generator = torch.Generator().manual_seed(15)
+    rows = bf16(300, width, seed=16)
+    token_of_row = torch.randint(0, 40, (300,), generator=generator)
+    row_weight = torch.rand(300, generator=generator)
+    sums = torch.zeros(41, width)  # the reference: product rounded to float32, then the sum, rows in order
+    for r in range(300):
+        t = int(token_of_row[r])
+        sums[t] = sums[t] + row_weight[r].to(torch.bfloat16).float() * rows[r].float()
+    out = ops.combine(rows, token_of_row, row_weight, 41)
+    assert torch.equal(out, sums.to(torch.bfloat16))
+    assert torch.equal(ops.combine(rows[token_of_row == 5], torch.zeros(int((token_of_row == 5).sum()), dtype=torch.long),
+                                   row_weight[token_of_row == 5], 1), out[5:6])  # a token alone
+
+
 @pytest.fixture(scope="module")
 def bf16_model(tiny_checkpoint):
     from s1serve.engine.model_runner import ModelRunner

@@ -34,6 +34,7 @@ KERNEL_NAME = "s1serve_bf16_matmul"
 ENV_SWITCH = "S1SERVE_CPU_KERNELS"
 AMX_SWITCH = "S1SERVE_CPU_AMX"
 BLOCK_N = 64  # output columns per packed block (bf16_matmul.cpp)
+EXTRA_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 
 
 @functools.cache
@@ -77,7 +78,7 @@ def bf16_kernels() -> ModuleType | None:
         module = load(
             name=KERNEL_NAME,
             sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"],
+            extra_cflags=EXTRA_CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

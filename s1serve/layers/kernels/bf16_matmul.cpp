@@ -156,9 +156,12 @@ inline void tile_step(const bf16* w) {
 constexpr int64_t PREFETCH_STEPS = 2;
 
 template <typename Out>
-void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, int rows) {
+void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, int rows,
+              const char* next = nullptr, int64_t next_lines = 0) {
   zero_sums();
   for (int64_t k = 0; k < K; k += TILE_K) {
+    for (int64_t l = 0; l < next_lines; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T1);
+    next += 64 * next_lines;
     if (k + PREFETCH_STEPS * TILE_K < K) {
       const char* ahead = reinterpret_cast<const char*>(w + (k + PREFETCH_STEPS * TILE_K) * BLOCK_N);
       for (int line = 0; line < TILE_K * BLOCK_N * 2 / 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
@@ -173,10 +176,16 @@ void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int6
 template <typename Out>
 void amx_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy,
                           int& configured) {
+  // With several row tiles, the block that follows this one in memory is asked into L2 a few lines per k step, so
+  // that the weight's read from memory overlaps the tiles' products instead of waiting for the next block's first.
+  const int64_t tiles = (M + TILE_ROWS - 1) / TILE_ROWS, steps = tiles * (K / TILE_K);
+  const int64_t per_step = tiles > 1 ? (K * BLOCK_N * 2 / 64 + steps - 1) / steps : 0;
+  const char* next = reinterpret_cast<const char*>(w + K * BLOCK_N);
   for (int64_t m = 0; m < M; m += TILE_ROWS) {
     const int rows = static_cast<int>(std::min<int64_t>(TILE_ROWS, M - m));
     configure(rows, configured);
-    amx_tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, rows);
+    amx_tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, rows, next, per_step);
+    next += 64 * per_step * (K / TILE_K);
   }
 }
 

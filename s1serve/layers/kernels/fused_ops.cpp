@@ -377,11 +377,14 @@ torch::Tensor combine(torch::Tensor rows, torch::Tensor token_of_row, torch::Ten
   const int64_t R = rc.size(0), H = rc.size(1);
   const int64_t* tp = token_of_row.data_ptr<int64_t>();
   const float* wp = row_weight.data_ptr<float>();
-  std::vector<std::vector<int64_t>> rows_of(T);
+  std::vector<int64_t> first(T + 1, 0), rows_by_token(R);  // each token's rows, in row order: rows_by_token[first[t]..]
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK(tp[r] >= 0 && tp[r] < T, "token_of_row out of range");
-    rows_of[tp[r]].push_back(r);
+    ++first[tp[r] + 1];
   }
+  std::partial_sum(first.begin(), first.end(), first.begin());
+  std::vector<int64_t> next(first.begin(), first.end() - 1);
+  for (int64_t r = 0; r < R; ++r) rows_by_token[next[tp[r]]++] = r;
   auto out = torch::empty({T, H}, rc.options());
   const bf16* rp = rc.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
@@ -389,12 +392,21 @@ torch::Tensor combine(torch::Tensor rows, torch::Tensor token_of_row, torch::Ten
     std::vector<float> acc(H);
     for (int64_t t = t0; t < t1; ++t) {
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t r : rows_of[t]) {
-        const float w = round_bf16(wp[r]);
+      for (int64_t i = first[t]; i < first[t + 1]; ++i) {  // rows in order, each read front to back
+        const int64_t r = rows_by_token[i];
+        const __m512 w = _mm512_set1_ps(round_bf16(wp[r]));
         const bf16* row = rp + r * H;
-        for (int64_t h = 0; h < H; ++h) acc[h] += w * static_cast<float>(row[h]);
+        for (int64_t h = 0; h < H; h += 16) {  // product, then sum: no fused multiply-add
+          const __mmask16 mask = tail_mask(H - h);
+          const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, acc.data() + h),
+                                           _mm512_mul_ps(w, load_bf16(row + h, mask)));
+          _mm512_mask_storeu_ps(acc.data() + h, mask, sum);
+        }
       }
-      for (int64_t h = 0; h < H; ++h) op[t * H + h] = static_cast<bf16>(acc[h]);
+      for (int64_t h = 0; h < H; h += 16) {
+        const __mmask16 mask = tail_mask(H - h);
+        _mm256_mask_storeu_epi16(op + t * H + h, mask, to_bf16(_mm512_maskz_loadu_ps(mask, acc.data() + h)));
+      }
     }
   });
   return out;
