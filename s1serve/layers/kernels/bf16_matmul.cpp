@@ -154,6 +154,7 @@ inline void tile_step(const bf16* w) {
 // bytes at a time, which the hardware prefetcher follows late (the bench preset's lm_head at 1-8 rows took ~8% less
 // time with it, benchmarks/cpu_matmul.py).
 constexpr int64_t PREFETCH_STEPS = 2;
+constexpr int64_t NEXT_BLOCK_MIN_TILES = 4;  // 64 rows: see amx_rows_times_block
 
 template <typename Out>
 void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, int rows,
@@ -176,10 +177,12 @@ void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int6
 template <typename Out>
 void amx_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy,
                           int& configured) {
-  // With several row tiles, the block that follows this one in memory is asked into L2 a few lines per k step, so
-  // that the weight's read from memory overlaps the tiles' products instead of waiting for the next block's first.
+  // With many row tiles (a prefill's projections, or its experts' rows), the block that follows this one in memory
+  // is asked into L2 a few lines per k step, so that reading the next weight overlaps this block's products instead
+  // of stalling the next block's first tile (prefetches never fault: past the weight's end they do nothing). A few
+  // row tiles (decode batches) stay bound by the read itself, which the prefetch above keeps ahead.
   const int64_t tiles = (M + TILE_ROWS - 1) / TILE_ROWS, steps = tiles * (K / TILE_K);
-  const int64_t per_step = tiles > 1 ? (K * BLOCK_N * 2 / 64 + steps - 1) / steps : 0;
+  const int64_t per_step = tiles >= NEXT_BLOCK_MIN_TILES ? (K * BLOCK_N * 2 / 64 + steps - 1) / steps : 0;
   const char* next = reinterpret_cast<const char*>(w + K * BLOCK_N);
   for (int64_t m = 0; m < M; m += TILE_ROWS) {
     const int rows = static_cast<int>(std::min<int64_t>(TILE_ROWS, M - m));
