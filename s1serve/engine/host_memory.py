@@ -28,7 +28,9 @@ And weights stream faster from huge pages: a decode step reads every weight it u
 4 KiB pages that stream takes a TLB miss each 4 KiB (a two-level page walk in a VM). Linux gives transparent huge
 pages (2 MiB) only to memory advised for them when its setting is `madvise`, the common default, so
 `place_on_huge_pages` moves the model's large weights onto such memory (see docs/engine.md for what it measured;
-S1SERVE_HUGE_PAGES=0 leaves them where they are).
+S1SERVE_HUGE_PAGES=0 leaves them where they are). The KV cache takes `lazy_zeros`: zero memory mapped on first
+write, on huge pages too, so that a step writing never-used blocks takes a few 2 MiB faults, not hundreds of 4 KiB
+ones (docs/engine.md, "Prefill: the next weight block").
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import mmap
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,6 +84,15 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
     start = -raw.data_ptr() % HUGE_PAGE_BYTES
     return raw[start : start + nbytes].view(dtype).view(shape)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages the OS maps on first write: on memory advised for huge pages when it spans one
+    at least (as the weights do; not where S1SERVE_HUGE_PAGES=0 or the platform has no such advice), else calloc'd."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if nbytes >= HUGE_PAGE_BYTES and os.environ.get(HUGE_PAGES_SWITCH, "1") != "0" and _MADV_HUGEPAGE is not None:
+        return huge_page_empty(shape, dtype)  # a fresh private anonymous mapping reads as zeros
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def place_on_huge_pages(model: nn.Module) -> None:

@@ -4,16 +4,17 @@ kv_heads is the number of KV heads this rank attends with (`model.num_local_kv_h
 a share or a single replicated head under tensor parallelism); the functions below default to the config's count.
 
 Its size comes from `--num-kv-blocks`, or from `--cache-max-entry-count` as a fraction of the memory the device
-has free once the weights are loaded. On CPU the cache is zero memory the OS maps on first write (calloc), so an
-engine only holds the pages of blocks it has used.
+has free once the weights are loaded. On CPU the cache is zero memory the OS maps on first write, so an engine only
+holds the pages (2 MiB ones on huge pages) of blocks it has used; those pages are huge pages where they can be (host_memory.lazy_zeros), since
+attention reads the cache as it reads the weights.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from s1serve.config import TextConfig
+from s1serve.engine.host_memory import lazy_zeros
 from s1serve.layers.attention import KVCache
 
 
@@ -45,8 +46,7 @@ def num_blocks_for_memory(
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    return lazy_zeros(shape, dtype)
 
 
 def allocate_kv_cache(

@@ -24,6 +24,7 @@ from s1serve.engine.host_memory import (
     KERNEL_CACHE_ENTRIES,
     KERNEL_CACHE_VARIABLES,
     huge_page_empty,
+    lazy_zeros,
     place_on_huge_pages,
 )
 
@@ -167,3 +168,23 @@ def test_huge_pages_can_be_turned_off(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv(HUGE_PAGES_SWITCH, "0")
     model = make_llm(tiny_checkpoint, num_kv_blocks=16).engine.runner.model
     assert not any(advised_for_huge_pages(p.data_ptr()) for p in model.parameters() if p.nbytes >= HUGE_PAGE_BYTES)
+
+
+def test_lazy_zeros_are_zero_on_huge_pages_when_large_and_calloc_memory_otherwise(monkeypatch):
+    large = lazy_zeros((4, 1 << 20), torch.bfloat16)  # 8 MiB
+    assert advised_for_huge_pages(large.data_ptr()) and large.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert not large.any()
+    large[3, -1] = 1  # writable, and only that element changed
+    assert large.sum() == 1
+    small = lazy_zeros((16, 64), torch.bfloat16)
+    assert not small.any() and not advised_for_huge_pages(small.data_ptr())
+    monkeypatch.setenv(HUGE_PAGES_SWITCH, "0")
+    off = lazy_zeros((4, 1 << 20), torch.bfloat16)
+    assert not off.any() and not advised_for_huge_pages(off.data_ptr())
+
+
+def test_the_kv_cache_is_on_huge_pages(tiny_checkpoint):
+    runner = make_llm(tiny_checkpoint, num_kv_blocks=4096).engine.runner
+    keys, values = runner.caches[0]
+    assert keys.nbytes >= HUGE_PAGE_BYTES, "the cache of this test is too small to span a huge page"
+    assert advised_for_huge_pages(keys.data_ptr()) and advised_for_huge_pages(values.data_ptr())
