@@ -13,7 +13,6 @@ tree is faster). Kernel changes that keep results bitwise (prefetching, loop ord
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import subprocess

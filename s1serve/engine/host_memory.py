@@ -86,11 +86,16 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return raw[start : start + nbytes].view(dtype).view(shape)
 
 
+def huge_pages_wanted() -> bool:
+    """Whether large host tensors go on huge pages: the platform can advise them and S1SERVE_HUGE_PAGES is not 0."""
+    return _MADV_HUGEPAGE is not None and os.environ.get(HUGE_PAGES_SWITCH, "1") != "0"
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero CPU tensor whose pages the OS maps on first write: on memory advised for huge pages when it spans one
     at least (as the weights do; not where S1SERVE_HUGE_PAGES=0 or the platform has no such advice), else calloc'd."""
     nbytes = torch.Size(shape).numel() * dtype.itemsize
-    if nbytes >= HUGE_PAGE_BYTES and os.environ.get(HUGE_PAGES_SWITCH, "1") != "0" and _MADV_HUGEPAGE is not None:
+    if nbytes >= HUGE_PAGE_BYTES and huge_pages_wanted():
         return huge_page_empty(shape, dtype)  # a fresh private anonymous mapping reads as zeros
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
@@ -99,7 +104,7 @@ def place_on_huge_pages(model: nn.Module) -> None:
     """Moves each contiguous CPU parameter of at least one huge page onto huge-page memory (one at a time: the peak
     is the model plus its largest parameter); nothing where S1SERVE_HUGE_PAGES=0 or the platform has no such advice
     (a copy would gain nothing)."""
-    if os.environ.get(HUGE_PAGES_SWITCH, "1") == "0" or _MADV_HUGEPAGE is None:
+    if not huge_pages_wanted():
         return
     for param in model.parameters():
         if param.device.type == "cpu" and param.nbytes >= HUGE_PAGE_BYTES and param.is_contiguous():

@@ -5,8 +5,8 @@ a share or a single replicated head under tensor parallelism); the functions bel
 
 Its size comes from `--num-kv-blocks`, or from `--cache-max-entry-count` as a fraction of the memory the device
 has free once the weights are loaded. On CPU the cache is zero memory the OS maps on first write, so an engine only
-holds the pages (2 MiB ones on huge pages) of blocks it has used; those pages are huge pages where they can be (host_memory.lazy_zeros), since
-attention reads the cache as it reads the weights.
+holds the pages of blocks it has used; huge pages where the platform allows (host_memory.lazy_zeros), as attention
+reads the cache as it reads the weights.
 """
 
 from __future__ import annotations

@@ -119,8 +119,9 @@ def test_combine_is_each_tokens_float32_sum_in_row_order_bitwise(ops, width):
         sums[t] = sums[t] + row_weight[r].to(torch.bfloat16).float() * rows[r].float()
     out = ops.combine(rows, token_of_row, row_weight, 41)
     assert torch.equal(out, sums.to(torch.bfloat16))
-    assert torch.equal(ops.combine(rows[token_of_row == 5], torch.zeros(int((token_of_row == 5).sum()), dtype=torch.long),
-                                   row_weight[token_of_row == 5], 1), out[5:6])  # a token alone
+    mine = token_of_row == 5
+    alone = ops.combine(rows[mine], torch.zeros(int(mine.sum()), dtype=torch.long), row_weight[mine], 1)
+    assert torch.equal(alone, out[5:6])  # a token alone
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,7 @@ constexpr int64_t NEXT_BLOCK_MIN_TILES = 4;  // 64 rows: see amx_rows_times_bloc
 
 template <typename Out>
 void amx_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, int rows,
-              const char* next = nullptr, int64_t next_lines = 0) {
+              const char*& next, int64_t next_lines) {
   zero_sums();
   for (int64_t k = 0; k < K; k += TILE_K) {
     for (int64_t l = 0; l < next_lines; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T1);
@@ -187,8 +187,7 @@ void amx_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const bf16* w, 
   for (int64_t m = 0; m < M; m += TILE_ROWS) {
     const int rows = static_cast<int>(std::min<int64_t>(TILE_ROWS, M - m));
     configure(rows, configured);
-    amx_tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, rows, next, per_step);
-    next += 64 * per_step * (K / TILE_K);
+    amx_tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, rows, next, per_step);  // moves `next` on
   }
 }
 
