@@ -200,6 +200,12 @@ def paged_attention(
     kv_heads, _, _, head_dim = k_cache.shape
     k_cache.view(kv_heads, -1, head_dim).index_copy_(1, batch.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
     v_cache.view(kv_heads, -1, head_dim).index_copy_(1, batch.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+    return attend_cached(q, cache, batch, scale)
+
+
+def attend_cached(q: torch.Tensor, cache: KVCache, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """q: [T, H, D] over the cache, which already holds this step's keys and values; returns [T, H, D]."""
+    k_cache, v_cache = cache
     kernel = batch.kernel
     if kernel is not None:
         attend = kernels.bf16_kernels().paged_attention
@@ -314,6 +320,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, hidden]; cos/sin: [T, 1 or local KV heads, head_dim]; the cache holds the local KV heads."""
         tokens = x.shape[0]
+        if self._fused_prologue_applies(x, cos, cache):  # the same steps in two calls (projections, the rest)
+            qkv = kernels.linears(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            q = kernels.bf16_kernels().qk_norm_rotary_cache(
+                qkv, self.num_heads, self.num_kv_heads, self.q_norm.weight, self.q_norm.eps, self.k_norm.weight,
+                self.k_norm.eps, cos, sin, *cache, batch.slot_mapping)
+            out = attend_cached(q, cache, batch, self.scale)
+            return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
         q = self.q_norm(self.q_proj(x).view(tokens, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
@@ -321,3 +334,16 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, cache, batch, self.scale)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+    def _fused_prologue_applies(self, x: torch.Tensor, cos: torch.Tensor, cache: KVCache) -> bool:
+        """Whether the CPU kernels take the projections and the steps up to the cache write: bf16 everywhere, the
+        three projections' weights packed for the bf16 kernel (not FP8)."""
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.q_norm.weight, self.k_norm.weight)
+        return (
+            kernels.fused_ops(x) is not None
+            and x.dim() == 2
+            and all(w.dtype == torch.bfloat16 for w in weights)
+            and all(kernels.is_packed(w) for w in weights[:3])
+            and cos.dtype == torch.bfloat16
+            and all(c.dtype == torch.bfloat16 and c.device.type == "cpu" for c in cache)
+        )

@@ -65,6 +65,29 @@ def test_rotary_is_bitwise_the_pytorch_rotation(groups):
     assert torch.equal(apply_rotary(x, cos, sin), x * heads_cos + rotate_half(x) * heads_sin)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_attention_prologue_is_bitwise_norms_rotary_and_the_cache_write(ops, groups):
+    tokens, heads, kv_heads, dim, blocks, block_size = 5, 8, 2, 64, 6, 4
+    qkv = bf16(tokens, (heads + 2 * kv_heads) * dim, seed=20, scale=3.0)
+    q_norm, k_norm = bf16(dim, seed=21) + 1, bf16(dim, seed=22) + 1
+    cos, sin = bf16(tokens, groups, dim, seed=23), bf16(tokens, groups, dim, seed=24)
+    slots = torch.tensor([17, 3, 22, 0, 9])
+    k_cache, v_cache = (bf16(kv_heads, blocks, block_size, dim, seed=s) for s in (25, 26))
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    q = ops.qk_norm_rotary_cache(qkv, heads, kv_heads, q_norm, 1e-6, k_norm, 1e-5, cos, sin, k_cache, v_cache, slots)
+
+    q_part, k_part, v_part = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    step_q = ops.rotary(ops.rms_norm(q_part.reshape(tokens, heads, dim), q_norm, 1e-6), cos, sin)
+    step_k = ops.rotary(ops.rms_norm(k_part.reshape(tokens, kv_heads, dim), k_norm, 1e-5), cos, sin)
+    expected_k.view(kv_heads, -1, dim).index_copy_(1, slots, step_k.transpose(0, 1))
+    expected_v.view(kv_heads, -1, dim).index_copy_(1, slots, v_part.reshape(tokens, kv_heads, dim).transpose(0, 1))
+    assert torch.equal(q, step_q)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)  # the other slots untouched
+    with pytest.raises(RuntimeError, match="slot 24 is outside the cache"):
+        ops.qk_norm_rotary_cache(qkv, heads, kv_heads, q_norm, 1e-6, k_norm, 1e-5, cos, sin, k_cache, v_cache,
+                                 torch.tensor([0, 1, 2, 3, 24]))
+
+
 def test_silu_mul_is_bitwise_pytorchs_swiglu_product(ops):
     h = torch.cat([bf16(64, 2 * 389, seed=7, scale=s) for s in (0.1, 1.0, 30.0)])
     edge = torch.tensor([-100.0, -1e30, float("inf"), float("-inf"), float("nan"), 0.0, 88.0, -88.0, 1e30, -200.0])
@@ -138,6 +161,28 @@ def moe_outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
     x = bf16(33, layer.mlp.hidden_size, seed=14)
     with torch.inference_mode():
         return layer.mlp(x), torch.cat([layer.mlp(x[i : i + 1]) for i in range(x.shape[0])])
+
+
+def test_the_model_gives_the_same_hidden_states_with_and_without_the_attention_prologue(bf16_model, monkeypatch):
+    from s1serve.engine.kv_cache import allocate_kv_cache
+    from s1serve.layers.attention import Attention, AttentionBatch
+
+    cfg = bf16_model.config.text
+    ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(15))
+    batch = AttentionBatch.build([7, 5], [0, 0], [[0, 1], [2]], 16, "cpu", kernel_below=64)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])
+
+    def hidden_and_cache() -> tuple[torch.Tensor, list]:
+        caches = allocate_kv_cache(cfg, 4, 16, torch.bfloat16, "cpu", bf16_model.num_local_kv_heads)
+        with torch.inference_mode():
+            return bf16_model(ids, positions, caches, batch), caches
+
+    fused, fused_caches = hidden_and_cache()
+    monkeypatch.setattr(Attention, "_fused_prologue_applies", lambda *_: False)
+    steps, step_caches = hidden_and_cache()
+    assert torch.equal(fused, steps)
+    for (k, v), (k2, v2) in zip(fused_caches, step_caches):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
 
 
 def test_the_moe_layer_matches_its_pytorch_path_and_each_token_alone(bf16_model, monkeypatch):

@@ -111,6 +111,18 @@ def test_leading_dims_and_strided_rows_are_handled():
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_linears_put_each_weights_product_side_by_side_bitwise(rows):
+    x = bf16(rows, 128, seed=rows)
+    weights = [kernels.pack(bf16(n, 128, seed=n)) for n in (256, 64, 128)]
+    out = kernels.linears(x, weights)
+    assert out.shape == (rows, 448) and out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.cat([kernels.linear(x, w) for w in weights], dim=1))
+    with pytest.raises(RuntimeError, match="K = 128"):
+        kernels.linears(x, [weights[0], kernels.pack(bf16(64, 96, seed=9))])
+
+
+@needs_kernels
 def test_grouped_linear_multiplies_each_segment_by_its_expert():
     experts = bf16(5, 128, 64, seed=5)
     x = bf16(11, 64, seed=6)

@@ -183,6 +183,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     return out.view(*x.shape[:-1], weight.shape[0] * BLOCK_N).to(out_dtype)
 
 
+def linears(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """x [T, K] bf16 times several packed bf16 weights [N_i, K] -> [T, sum N_i] bf16, their outputs side by side,
+    in one call (each part equal to `linear`'s)."""
+    kernels = bf16_kernels()
+    assert kernels is not None  # packed weights exist only where the kernels were built
+    return kernels.linears(_rows(x), weights)
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Row segment e of x (rows ends[e-1]..ends[e]) times weight[e]^T; weight [E, N, K] or packed; out [rows, N]."""
     if weight.dim() == 5:
@@ -216,5 +224,5 @@ from s1serve.layers.kernels.fp8 import (  # noqa: E402
 __all__ = [
     "bf16_kernels", "cpu_flags", "cpu_has_amx_bf16", "cpu_has_avx512_bf16", "cpu_has_avx512_vbmi", "cpu_kernels",
     "fp8_grouped_linear", "fp8_kernels", "fp8_linear", "fused_ops", "grouped_linear", "is_fp8_packed", "is_packed",
-    "is_stale", "linear", "pack", "pack_fp8", "pack_weights",
+    "is_stale", "linear", "linears", "pack", "pack_fp8", "pack_weights",
 ]

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -213,6 +214,26 @@ inline void any_rows_times_block(const bf16* x, int64_t M, int64_t ldx, const bf
 
 }  // namespace
 
+// Runs fn(i0, i1, configured) over [0, n) in parallel, in chunks that each thread claims as it finishes the last
+// (`configured`: that thread's tile setting, see configure). A thread that the OS or the hypervisor preempts (an API
+// server or a client waking on the same cores) then holds back only its current chunk: the others take the rest,
+// where a static split would leave them waiting at the end for its whole half. Each item's result does not depend on
+// which thread computes it.
+constexpr int64_t CHUNKS_PER_THREAD = 8;
+
+template <typename Fn>
+void for_items(int64_t n, const Fn& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t chunk = std::max<int64_t>(1, n / (threads * CHUNKS_PER_THREAD));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int configured = 0;
+    for (int64_t i0 = next.fetch_add(chunk); i0 < n; i0 = next.fetch_add(chunk))
+      fn(i0, std::min(i0 + chunk, n), configured);
+  });
+}
+
 template <typename Out>
 void linear_into(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), N = blocks * BLOCK_N;
@@ -220,8 +241,7 @@ void linear_into(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& 
   const bf16* wp = w.data_ptr<bf16>();
   Out* yp = y.data_ptr<Out>();
   const int64_t ldx = x.stride(0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    int configured = 0;
+  for_items(blocks, [&](int64_t b0, int64_t b1, int& configured) {
     for (int64_t b = b0; b < b1; ++b)
       any_rows_times_block(xp, M, ldx, wp + b * BLOCK_N * K, K, yp + b * BLOCK_N, N, configured);
   });
@@ -242,8 +262,7 @@ void for_expert_blocks(const torch::Tensor& ends, int64_t R, int64_t blocks, con
       for (int64_t b = 0; b < blocks; ++b) items.emplace_back(e, b);
     start = endp[e];
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    int configured = 0;
+  for_items(static_cast<int64_t>(items.size()), [&](int64_t i0, int64_t i1, int& configured) {
     for (int64_t i = i0; i < i1; ++i)
       fn(items[i].first, items[i].second, starts[items[i].first], endp[items[i].first], configured);
   });
@@ -271,6 +290,30 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w, bool bf16_out) {
     linear_into<bf16>(x, w, y);
   else
     linear_into<float>(x, w, y);
+  return y;
+}
+
+// x [M, K] bf16 times several packed weights (each [N_i/64, K/2, 64, 2]) -> [M, sum N_i], their outputs side by side
+// in bf16: attention's q, k and v projections in one parallel region. Each block's result is the one linear() gives.
+torch::Tensor linears(torch::Tensor x, std::vector<torch::Tensor> ws) {
+  TORCH_CHECK(!ws.empty(), "linears needs at least one weight");
+  const int64_t M = x.size(0), K = 2 * ws[0].size(1);
+  check_x(x, K);
+  std::vector<const bf16*> block_weight;  // per output block: its packed weight block
+  for (const auto& w : ws) {
+    TORCH_CHECK(w.dim() == 4 && w.size(2) == BLOCK_N && w.size(3) == 2 && w.is_contiguous() &&
+                    w.scalar_type() == at::kBFloat16 && 2 * w.size(1) == K,
+                "every weight must be packed bf16 with K = ", K);
+    for (int64_t b = 0; b < w.size(0); ++b) block_weight.push_back(w.data_ptr<bf16>() + b * BLOCK_N * K);
+  }
+  const int64_t blocks = static_cast<int64_t>(block_weight.size()), N = blocks * BLOCK_N, ldx = x.stride(0);
+  auto y = torch::empty({M, N}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+  for_items(blocks, [&](int64_t b0, int64_t b1, int& configured) {
+    for (int64_t b = b0; b < b1; ++b)
+      any_rows_times_block(xp, M, ldx, block_weight[b], K, yp + b * BLOCK_N, N, configured);
+  });
   return y;
 }
 
@@ -476,8 +519,7 @@ void fp8_linear_into(const torch::Tensor& x, const torch::Tensor& w, const torch
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   Out* yp = y.data_ptr<Out>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    int configured = 0;
+  for_items(blocks, [&](int64_t b0, int64_t b1, int& configured) {
     for (int64_t b = b0; b < b1; ++b)
       fp8_rows_times_block(xp, M, x.stride(0), wp + b * BLOCK_N * K, sp + b * kb, K, yp + b * BLOCK_N, N, configured);
   });
@@ -546,6 +588,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx", &set_amx, "run every call on the AMX tiles (true) or on AVX-512 (false); returns the setting");
   m.def("amx", &amx, "whether calls run on the AMX tiles");
   m.def("linear", &linear, "x [M, K] bf16 times a packed [N, K] weight -> [M, N] bf16 or float32");
+  m.def("linears", &linears, "x [M, K] bf16 times several packed weights -> [M, sum N] bf16, side by side");
   m.def("grouped_linear", &grouped_linear, "row segments of x times their packed experts -> bf16 or float32");
   m.def("fp8_linear", &fp8_linear, "x [M, K] bf16 times a packed fp8 [N, K] weight -> [M, N] (needs AVX512-VBMI)");
   m.def("fp8_grouped_linear", &fp8_grouped_linear, "row segments of x times their packed fp8 experts (AVX512-VBMI)");

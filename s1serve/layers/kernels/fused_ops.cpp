@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -63,6 +64,36 @@ inline __m512 negated(__m512 x) {
   return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
 }
 
+// One row of RMSNorm (see rms_norm below): x [D] -> y [D], both bf16.
+inline void norm_row(const bf16* x, const bf16* weight, int64_t D, float eps, bf16* y) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512 v = load_bf16(x + d, tail_mask(D - d));
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(D) + eps));
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 mask = tail_mask(D - d);
+    const __m512 normed = round_bf16(_mm512_mul_ps(load_bf16(x + d, mask), inv));
+    _mm256_mask_storeu_epi16(y + d, mask, to_bf16(_mm512_mul_ps(load_bf16(weight + d, mask), normed)));
+  }
+}
+
+// One head's row of the rotate-half encoding (see rotary below): x, cos, sin [D] -> out [D], all bf16.
+inline void rotate_row(const bf16* x, const bf16* c, const bf16* s, int64_t D, bf16* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; d += 16) {  // 16 of each half at once: x1 beside -x2, x2 beside x1
+    const __mmask16 mask = tail_mask(half - d);
+    const __m512 x1 = load_bf16(x + d, mask), x2 = load_bf16(x + half + d, mask);
+    const __m512 first = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, load_bf16(c + d, mask))),
+                                       round_bf16(_mm512_mul_ps(negated(x2), load_bf16(s + d, mask))));
+    const __m512 second = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, load_bf16(c + half + d, mask))),
+                                        round_bf16(_mm512_mul_ps(x1, load_bf16(s + half + d, mask))));
+    _mm256_mask_storeu_epi16(out + d, mask, to_bf16(first));
+    _mm256_mask_storeu_epi16(out + half + d, mask, to_bf16(second));
+  }
+}
+
 }  // namespace
 
 // RMSNorm as the published model computes it: y = weight * bf16(x * rsqrt(mean(x^2) + eps)), the statistics in
@@ -82,21 +113,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   bf16* yp = y.data_ptr<bf16>();
   const float epsf = static_cast<float>(eps);
   at::parallel_for(0, rows, grain_rows(D), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const bf16* xr = xp + r * D;
-      __m512 squares = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 v = load_bf16(xr + d, tail_mask(D - d));
-        squares = _mm512_fmadd_ps(v, v, squares);
-      }
-      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(D) + epsf));
-      bf16* yr = yp + r * D;
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 mask = tail_mask(D - d);
-        const __m512 normed = round_bf16(_mm512_mul_ps(load_bf16(xr + d, mask), inv));
-        _mm256_mask_storeu_epi16(yr + d, mask, to_bf16(_mm512_mul_ps(load_bf16(wp + d, mask), normed)));
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * D, wp, D, epsf, yp + r * D);
   });
   return y;
 }
@@ -110,7 +127,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
                   sin.scalar_type() == at::kBFloat16 && cos.size(0) == x.size(0) && cos.size(2) == x.size(2) &&
                   x.size(1) % cos.size(1) == 0 && x.size(2) % 2 == 0,
               "cos and sin must be [T, G, D] bf16 with G dividing x's heads");
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), G = cos.size(1), half = D / 2, per_group = H / G;
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), G = cos.size(1), per_group = H / G;
   auto cc = cos.contiguous(), sc = sin.contiguous();
   auto out = torch::empty({T, H, D}, x.options());
   const bf16* xp = x.data_ptr<bf16>();
@@ -124,21 +141,69 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
       const bf16* xr = xp + t * st + h * sh;
       const bf16* c = cp + (t * G + h / per_group) * D;
       const bf16* s = sp + (t * G + h / per_group) * D;
-      bf16* o = op + i * D;
-      for (int64_t d = 0; d < half; d += 16) {  // 16 of each half at once: x1 beside -x2, x2 beside x1
-        const __mmask16 mask = tail_mask(half - d);
-        const __m512 x1 = load_bf16(xr + d, mask), x2 = load_bf16(xr + half + d, mask);
-        const __m512 first = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, load_bf16(c + d, mask))),
-                                           round_bf16(_mm512_mul_ps(negated(x2),
-                                                                    load_bf16(s + d, mask))));
-        const __m512 second = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, load_bf16(c + half + d, mask))),
-                                            round_bf16(_mm512_mul_ps(x1, load_bf16(s + half + d, mask))));
-        _mm256_mask_storeu_epi16(o + d, mask, to_bf16(first));
-        _mm256_mask_storeu_epi16(o + half + d, mask, to_bf16(second));
-      }
+      rotate_row(xr, c, s, D, op + i * D);
     }
   });
   return out;
+}
+
+// Attention's steps between its projections and the attention itself, in one call: qkv [T, (H + 2 KVH) * D] bf16
+// (the q, k and v projections side by side) -> q [T, H, D], each head RMS-normed with q_norm, then rotated; each of
+// k's heads normed with k_norm and rotated, then written with v's head to the token's slot of the paged cache
+// (k_cache, v_cache [KVH, blocks, block_size, D] bf16). Bitwise rms_norm, rotary and the cache write one after the
+// other; cos / sin [T, G, D] bf16 as rotary takes them, G dividing both H and KVH.
+torch::Tensor qk_norm_rotary_cache(torch::Tensor qkv, int64_t H, int64_t KVH, torch::Tensor q_norm, double q_eps,
+                                   torch::Tensor k_norm, double k_eps, torch::Tensor cos, torch::Tensor sin,
+                                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == KVH &&
+                  k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "the caches must be contiguous [KVH, blocks, block_size, D] bf16");
+  const int64_t T = qkv.size(0), D = k_cache.size(3), S = k_cache.size(1) * k_cache.size(2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous() &&
+                  qkv.size(1) == (H + 2 * KVH) * D && D % 2 == 0 && D <= 1024,
+              "qkv must be contiguous [T, (H + 2 KVH) * D] bf16");
+  for (const auto& w : {q_norm, k_norm})
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
+                "the norms' weights must be [", D, "] bf16");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.scalar_type() == at::kBFloat16 &&
+                  sin.scalar_type() == at::kBFloat16 && cos.size(0) == T && cos.size(2) == D &&
+                  H % cos.size(1) == 0 && KVH % cos.size(1) == 0,
+              "cos and sin must be [T, G, D] bf16 with G dividing both head counts");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T && slots.scalar_type() == at::kLong, "slots must be [T] int64");
+  auto sc = slots.contiguous();
+  const int64_t* slot = sc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < S, "slot ", slot[t], " is outside the cache");
+  auto cc = cos.contiguous(), ssc = sin.contiguous();
+  auto q = torch::empty({T, H, D}, qkv.options());
+  const bf16* in = qkv.data_ptr<bf16>();
+  const bf16* cp = cc.data_ptr<bf16>();
+  const bf16* sp = ssc.data_ptr<bf16>();
+  const bf16* qw = q_norm.data_ptr<bf16>();
+  const bf16* kw = k_norm.data_ptr<bf16>();
+  bf16* qp = q.data_ptr<bf16>();
+  bf16* kc = k_cache.data_ptr<bf16>();
+  bf16* vc = v_cache.data_ptr<bf16>();
+  const int64_t G = cos.size(1), heads = H + KVH, width = (H + 2 * KVH) * D;
+  const float qe = static_cast<float>(q_eps), ke = static_cast<float>(k_eps);
+  at::parallel_for(0, T * heads, grain_rows(D), [&](int64_t i0, int64_t i1) {
+    bf16 normed[1024];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / heads, h = i % heads;
+      const bf16* row = in + t * width + h * D;
+      if (h < H) {  // a query head
+        const int64_t g = h / (H / G);
+        norm_row(row, qw, D, qe, normed);
+        rotate_row(normed, cp + (t * G + g) * D, sp + (t * G + g) * D, D, qp + (t * H + h) * D);
+      } else {  // a key head, and the value head beside it
+        const int64_t j = h - H, g = j / (KVH / G), at = (j * S + slot[t]) * D;
+        norm_row(row, kw, D, ke, normed);
+        rotate_row(normed, cp + (t * G + g) * D, sp + (t * G + g) * D, D, kc + at);
+        std::memcpy(vc + at, row + KVH * D, D * sizeof(bf16));
+      }
+    }
+  });
+  return q;
 }
 
 // SwiGLU's middle: h [R, 2I] bf16 (gate columns, then up) -> bf16(silu(gate)) * up, [R, I] bf16, each result
@@ -469,6 +534,8 @@ void register_fused_ops(pybind11::module& m) {
   m.def("greedy", &greedy, "the first index of each row's largest value (argmax's rule) of float32 logits");
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows (float32 statistics, weight applied in bf16)");
   m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin of [T, H, D] bf16, rounded as PyTorch's bf16 ops");
+  m.def("qk_norm_rotary_cache", &qk_norm_rotary_cache,
+        "q and k heads normed and rotated, k and v written to their cache slots, q returned");
   m.def("paged_attention", &paged_attention, "each row's attention over its own keys in the paged cache, in place");
   m.def("silu_mul", &silu_mul, "bf16(silu(gate)) * up of [R, 2I] bf16 rows");
   m.def("select_experts", &select_experts, "softmax and (grouped) top-k routing: ids, weights");
