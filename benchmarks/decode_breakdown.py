@@ -6,11 +6,16 @@ the model's parts (attention, MoE and norms of all layers, the lm_head) and the 
 Each part is timed by wrapping its module's forward (wall time, ms per step; the parts nest inside "model
 forward"). The read bandwidth measured just before each run (as throughput.py measures it) gives the step's
 roofline share at batch 1. Run it on a quiet machine: a second busy process stalls every parallel region.
+
+`--pairs N` then measures the batch-1 share N more times, each from a bandwidth sum taken right before 16 steps,
+and prints every pair and the median share: on a VM whose bandwidth moves by 2x within minutes, one bandwidth
+figure for a whole run can land in another spell than the steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -40,6 +45,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--steps", type=int, default=48, help="decode steps timed per concurrency")
     parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--pairs", type=int, default=0, help="batch-1 (bandwidth, 16 steps) pairs after the table")
     args = parser.parse_args()
     llm = LLM(args.model, dtype="bfloat16", skip_tokenizer_init=True)
     engine, model = llm.engine, llm.engine.runner.model
@@ -75,6 +81,29 @@ def main() -> None:
             print(f"  {label:<20}{seconds / steps * 1e3:8.2f} ms")
         rest = step - (parts["model forward"] + parts["lm_head (logits)"]) / steps
         print(f"  {'rest of the step':<20}{rest * 1e3:8.2f} ms")
+    if args.pairs:
+        roofline_pairs(engine, weight_bytes, args.pairs, args.input_len)
+
+
+def roofline_pairs(engine, weight_bytes: int, pairs: int, input_len: int, steps: int = 16) -> None:
+    """Batch-1 roofline shares, each from a bandwidth sum and the decode steps right after it."""
+    engine.add_request("pairs", [1000 + j for j in range(input_len)],
+                       SamplingParams(temperature=0, max_tokens=pairs * (steps + 1) + 4, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    shares = []
+    print(f"\n1 decoding, {pairs} pairs of (bandwidth, {steps} steps):")
+    for _ in range(pairs):
+        bandwidth = read_bandwidth(3)
+        engine.step()  # the first step after the sum reads weights the sum evicted
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        step = (time.perf_counter() - start) / steps
+        shares.append(weight_bytes / bandwidth / step)
+        print(f"  {step * 1e3:6.2f} ms per step at {bandwidth / 1e9:5.1f} GB/s: {shares[-1]:.0%}")
+    print(f"  median {statistics.median(shares):.0%} of the roofline (range {min(shares):.0%}-{max(shares):.0%})")
+    engine.abort("pairs")
 
 
 if __name__ == "__main__":
