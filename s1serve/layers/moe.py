@@ -32,6 +32,7 @@ from s1serve.layers.linear import WeightFormats, fp8_block_part
 from s1serve.parallel.context import ParallelContext, all_gather, all_reduce, reduce_scatter
 
 PROJECTIONS = ("gate", "up", "down")
+SWIGLU_FUSED_MIN_ROWS = 16  # rows an expert on average from which gate/up and the product take one call
 
 
 def select_experts(
@@ -96,6 +97,17 @@ class SparseMoE(nn.Module):
         """x's row segments times the local experts' `weight` ("w13" or "w2")."""
         return kernels.grouped_linear(x, getattr(self, weight), ends)
 
+    def swiglu(self, fused, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """bf16(silu(gate)) * up of the rows' experts, [R, intermediate], bitwise the same either way: in one call
+        where w13 is packed for the bf16 kernel with whole 64-column blocks of gate and of up and the experts have
+        prefill-sized row counts (it saves writing and reading back the [R, 2 x intermediate] products: 3-4% of a
+        2048-token step, docs/engine.md), else the gate/up matmul and then the product (a decode step's few rows an
+        expert stream w13 faster block after block)."""
+        if (kernels.is_packed(self.w13) and self.intermediate % kernels.BLOCK_N == 0
+                and rows.shape[0] >= SWIGLU_FUSED_MIN_ROWS * len(self.experts)):
+            return fused.grouped_swiglu(rows, self.w13, ends)
+        return fused.silu_mul(self.grouped(rows, "w13", ends))
+
     def checkpoint_targets(self, prefix: str) -> dict[str, Target]:
         """The per-expert checkpoint tensors of the experts held here (`prefix`: the layer's `...mlp.`), each into
         its rows of w13 (gate rows, then up rows) or w2, sliced to the intermediate part held here."""
@@ -141,7 +153,7 @@ class SparseMoE(nn.Module):
         fused = kernels.fused_ops(x)
         if fused is not None:  # the same steps as below, each in one call
             token_of_row, row_weight, ends = fused.sort_rows(ids, weights, self.experts.start, len(self.experts))
-            hidden = fused.silu_mul(self.grouped(x.index_select(0, token_of_row), "w13", ends))
+            hidden = self.swiglu(fused, x.index_select(0, token_of_row), ends)
             return fused.combine(self.grouped(hidden, "w2", ends), token_of_row, row_weight, x.shape[0])
         flat_ids = ids.flatten()
         local = len(self.experts)

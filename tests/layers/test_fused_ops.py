@@ -147,6 +147,20 @@ def test_combine_is_each_tokens_float32_sum_in_row_order_bitwise(ops, width):
     assert torch.equal(alone, out[5:6])  # a token alone
 
 
+@pytest.mark.usefixtures("kernel_path")  # on AVX-512 and on AMX (conftest.py)
+def test_grouped_swiglu_is_bitwise_the_gate_up_matmul_then_the_product(ops):
+    experts, hidden, intermediate = 4, 96, 128
+    w13 = kernels.pack(bf16(experts, 2 * intermediate, hidden, seed=30, scale=0.2))
+    x = bf16(45, hidden, seed=31)
+    for ends in ([10, 10, 27, 45], [0, 1, 2, 45], [45, 45, 45, 45]):
+        ends = torch.tensor(ends)
+        expected = ops.silu_mul(kernels.grouped_linear(x, w13, ends))
+        assert torch.equal(ops.grouped_swiglu(x, w13, ends), expected)
+    assert ops.grouped_swiglu(x[:0], w13, torch.zeros(4, dtype=torch.long)).shape == (0, intermediate)
+    with pytest.raises(RuntimeError, match="ends must be non-decreasing"):
+        ops.grouped_swiglu(x, w13, torch.tensor([5, 3, 45, 45]))
+
+
 @pytest.fixture(scope="module")
 def bf16_model(tiny_checkpoint):
     from s1serve.engine.model_runner import ModelRunner
@@ -191,3 +205,20 @@ def test_the_moe_layer_matches_its_pytorch_path_and_each_token_alone(bf16_model,
     monkeypatch.setattr(kernels, "fused_ops", lambda x: None)
     pytorch, _ = moe_outputs(bf16_model)
     torch.testing.assert_close(fused.float(), pytorch.float(), atol=2e-2, rtol=2e-2)  # bf16 roundings of the sum
+
+
+def test_a_moe_layer_with_whole_blocks_takes_grouped_swiglu_bitwise(ops, tmp_path_factory, monkeypatch):
+    from s1serve.checkpoint.tiny import write_tiny_checkpoint
+    from s1serve.engine.model_runner import ModelRunner
+    from s1serve.layers.moe import SparseMoE
+
+    model = load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("edge"), preset="edge", seed=2), torch.bfloat16)
+    ModelRunner(model, num_blocks=4, block_size=16)
+    assert model.layers[0].mlp.intermediate % 64 == 0  # gate and up in whole 64-column blocks
+    real, calls = ops.grouped_swiglu, []
+    monkeypatch.setattr(ops, "grouped_swiglu", lambda *args: calls.append(1) or real(*args))
+    fused, alone = moe_outputs(model)
+    assert calls and torch.equal(fused, alone)
+    monkeypatch.setattr(SparseMoE, "swiglu", lambda self, f, rows, ends: f.silu_mul(self.grouped(rows, "w13", ends)))
+    assert torch.equal(moe_outputs(model)[0], fused)
+

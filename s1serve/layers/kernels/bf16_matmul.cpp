@@ -29,6 +29,7 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 namespace {
@@ -233,6 +234,15 @@ void for_items(int64_t n, const Fn& fn) {
       fn(i0, std::min(i0 + chunk, n), configured);
   });
 }
+
+// For fused_ops.cpp (grouped_swiglu): the rows of x times one packed block into bf16 on this process's path, and the
+// chunked parallel loop above.
+void packed_block_bf16(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, bf16* y, int64_t ldy,
+                       int& configured) {
+  any_rows_times_block(x, M, ldx, w, K, y, ldy, configured);
+}
+
+void for_item_chunks(int64_t n, const std::function<void(int64_t, int64_t, int&)>& fn) { for_items(n, fn); }
 
 template <typename Out>
 void linear_into(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {

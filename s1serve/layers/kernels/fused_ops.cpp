@@ -8,8 +8,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -91,6 +93,17 @@ inline void rotate_row(const bf16* x, const bf16* c, const bf16* s, int64_t D, b
                                         round_bf16(_mm512_mul_ps(x1, load_bf16(s + half + d, mask))));
     _mm256_mask_storeu_epi16(out + d, mask, to_bf16(first));
     _mm256_mask_storeu_epi16(out + half + d, mask, to_bf16(second));
+  }
+}
+
+// bf16(silu(gate)) * up for n columns (see silu_mul below).
+inline void swiglu_row(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 g = load_bf16(gate + i, mask);
+    const __m512 exp_minus_g = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp_minus_g)));
+    _mm256_mask_storeu_epi16(out + i, mask, to_bf16(_mm512_mul_ps(silu, load_bf16(up + i, mask))));
   }
 }
 
@@ -216,16 +229,55 @@ torch::Tensor silu_mul(torch::Tensor h) {
   const bf16* hp = hc.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   at::parallel_for(0, R, grain_rows(I), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const bf16* gate = hp + r * 2 * I;
-      const bf16* up = gate + I;
-      for (int64_t i = 0; i < I; i += 16) {
-        const __mmask16 mask = tail_mask(I - i);
-        const __m512 g = load_bf16(gate + i, mask);
-        const __m512 exp_minus_g = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp_minus_g)));
-        _mm256_mask_storeu_epi16(op + r * I + i, mask, to_bf16(_mm512_mul_ps(silu, load_bf16(up + i, mask))));
-      }
+    for (int64_t r = r0; r < r1; ++r) swiglu_row(hp + r * 2 * I, hp + r * 2 * I + I, I, op + r * I);
+  });
+  return out;
+}
+
+// bf16_matmul.cpp: one packed block's products for M rows into bf16, and its chunked parallel loop.
+void packed_block_bf16(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, bf16* y, int64_t ldy,
+                       int& configured);
+void for_item_chunks(int64_t n, const std::function<void(int64_t, int64_t, int&)>& fn);
+
+// grouped_linear and silu_mul in one call: rows ends[e-1]..ends[e] of x [R, K] bf16 times expert e's packed w13
+// [E, 2I/64, K/2, 64, 2] (gate blocks, then up blocks), each 64 gate columns and their 64 up columns computed side by
+// side into the thread's scratch rows and turned into bf16(silu(gate)) * up there -> [R, I] bf16. Bitwise
+// silu_mul(grouped_linear(x, w13, ends)), without writing and reading back the [R, 2I] products.
+torch::Tensor grouped_swiglu(torch::Tensor x, torch::Tensor w13, torch::Tensor ends) {
+  TORCH_CHECK(w13.dim() == 5 && w13.size(3) == 64 && w13.size(4) == 2 && w13.is_contiguous() &&
+                  w13.scalar_type() == at::kBFloat16 && w13.size(1) % 2 == 0,
+              "w13 must be packed bf16 [E, 2I/64, K/2, 64, 2]");
+  TORCH_CHECK(ends.dim() == 1 && ends.size(0) == w13.size(0) && ends.scalar_type() == at::kLong,
+              "ends must be [E] int64");
+  const int64_t R = x.size(0), K = 2 * w13.size(2), pairs = w13.size(1) / 2, I = pairs * 64, ldx = x.stride(0);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(1) == K,
+              "x must be [R, ", K, "] bf16 with contiguous rows");
+  const int64_t* endp = ends.data_ptr<int64_t>();
+  std::vector<std::array<int64_t, 3>> items;  // (expert, first row, pair of gate and up blocks)
+  int64_t start = 0;
+  for (int64_t e = 0; e < ends.size(0); ++e) {
+    TORCH_CHECK(endp[e] >= start && endp[e] <= R, "ends must be non-decreasing and at most the row count");
+    if (endp[e] > start)
+      for (int64_t j = 0; j < pairs; ++j) items.push_back({e, start, j});
+    start = endp[e];
+  }
+  auto out = torch::empty({R, I}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = w13.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t block = 64 * K;  // values per packed block
+  for_item_chunks(static_cast<int64_t>(items.size()), [&](int64_t i0, int64_t i1, int& configured) {
+    std::vector<bf16> gate, up;  // this chunk's scratch rows, 64 columns each
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [e, r0, j] = items[i];
+      const int64_t rows = endp[e] - r0;
+      gate.resize(rows * 64);
+      up.resize(rows * 64);
+      const bf16* expert = wp + e * 2 * pairs * block;
+      packed_block_bf16(xp + r0 * ldx, rows, ldx, expert + j * block, K, gate.data(), 64, configured);
+      packed_block_bf16(xp + r0 * ldx, rows, ldx, expert + (pairs + j) * block, K, up.data(), 64, configured);
+      for (int64_t r = 0; r < rows; ++r)
+        swiglu_row(gate.data() + r * 64, up.data() + r * 64, 64, op + (r0 + r) * I + j * 64);
     }
   });
   return out;
@@ -538,6 +590,7 @@ void register_fused_ops(pybind11::module& m) {
         "q and k heads normed and rotated, k and v written to their cache slots, q returned");
   m.def("paged_attention", &paged_attention, "each row's attention over its own keys in the paged cache, in place");
   m.def("silu_mul", &silu_mul, "bf16(silu(gate)) * up of [R, 2I] bf16 rows");
+  m.def("grouped_swiglu", &grouped_swiglu, "bf16(silu(gate)) * up of each expert's rows, from its packed w13");
   m.def("select_experts", &select_experts, "softmax and (grouped) top-k routing: ids, weights");
   m.def("sort_rows", &sort_rows, "the held experts' (token, slot) rows by expert: token_of_row, row_weight, ends");
   m.def("combine", &combine, "weighted per-token sums of the experts' output rows");
