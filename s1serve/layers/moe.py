@@ -20,6 +20,8 @@ Parallel shapes (the router is replicated everywhere; every rank routes its own 
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -97,12 +99,12 @@ class SparseMoE(nn.Module):
         """x's row segments times the local experts' `weight` ("w13" or "w2")."""
         return kernels.grouped_linear(x, getattr(self, weight), ends)
 
-    def swiglu(self, fused, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    def swiglu(self, fused: ModuleType, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """bf16(silu(gate)) * up of the rows' experts, [R, intermediate], bitwise the same either way: in one call
         where w13 is packed for the bf16 kernel with whole 64-column blocks of gate and of up and the experts have
-        prefill-sized row counts (it saves writing and reading back the [R, 2 x intermediate] products: 3-4% of a
-        2048-token step, docs/engine.md), else the gate/up matmul and then the product (a decode step's few rows an
-        expert stream w13 faster block after block)."""
+        prefill-sized row counts (it saves writing and reading back the [R, 2 x intermediate] products; a 2048-token
+        step was faster in 5 of 5 measured pairs, docs/engine.md), else the gate/up matmul and then the product
+        (decode steps: the one call was not measured apart from the noise there)."""
         if (kernels.is_packed(self.w13) and self.intermediate % kernels.BLOCK_N == 0
                 and rows.shape[0] >= SWIGLU_FUSED_MIN_ROWS * len(self.experts)):
             return fused.grouped_swiglu(rows, self.w13, ends)
