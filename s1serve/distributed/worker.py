@@ -217,4 +217,10 @@ def run_worker(spec: RankSpec, rank: int, parent_pid: int) -> None:
     """Entry point of a spawned follower process."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
-    sys.exit(follow_rank(spec, rank))
+    status = follow_rank(spec, rank)
+    # Out without the interpreter's teardown: now and then a C++ destructor of the torch runtime aborted it
+    # ("terminate called without an active exception", exit -6) after the follower had finished cleanly.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
