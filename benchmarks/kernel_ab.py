@@ -41,8 +41,12 @@ def build_revision(rev: str, scratch: Path) -> ModuleType:
 
     sources = []
     for source in kernels.SOURCES:
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{KERNEL_DIR}/{source.name}"],
-                              capture_output=True, text=True, check=True).stdout
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{KERNEL_DIR}/{source.name}"],
+                               capture_output=True, text=True)
+        if shown.returncode:  # the Python around the kernels is this tree's: it calls what this tree compiles
+            sys.exit(f"{rev} has no {KERNEL_DIR}/{source.name}: compare against a revision with this tree's kernel "
+                     "files (git show said: " + shown.stderr.strip() + ")")
+        text = shown.stdout
         (scratch / source.name).write_text(text)
         sources.append(str(scratch / source.name))
     module = load(name="s1serve_kernels_" + "".join(c for c in rev if c.isalnum()), sources=sources,

@@ -29,7 +29,7 @@ from s1serve.layers import kernels
 from s1serve.layers.linear import WeightFormats
 from s1serve.layers.norm import RMSNorm
 from s1serve.layers.rotary import apply_rotary
-from s1serve.parallel.context import ParallelContext
+from s1serve.parallel.context import ParallelContext, all_reduce
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -320,8 +320,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, hidden]; cos/sin: [T, 1 or local KV heads, head_dim]; the cache holds the local KV heads."""
         tokens = x.shape[0]
-        if self._fused_prologue_applies(x, cos, cache):  # the same steps in two calls (projections, the rest)
-            qkv = kernels.linears(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        if self._fused_prologue_applies(x, cos, cache):
+            weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+            if self._block_applies(batch, tokens):  # every step below, up to o_proj's all-reduce, in one call
+                out = kernels.bf16_kernels().attention_block(
+                    x, weights, self.o_proj.weight, self.num_heads, self.num_kv_heads, self.q_norm.weight,
+                    self.q_norm.eps, self.k_norm.weight, self.k_norm.eps, cos, sin, *cache, batch.slot_mapping,
+                    batch.kernel.tables, batch.kernel.table_start, batch.kernel.positions, self.scale)
+                return all_reduce(out, self.o_proj.ctx.tp_size, self.o_proj.ctx.tp_group)
+            # the same steps in two calls (projections, the rest)
+            qkv = kernels.linears(x, weights)
             q = kernels.bf16_kernels().qk_norm_rotary_cache(
                 qkv, self.num_heads, self.num_kv_heads, self.q_norm.weight, self.q_norm.eps, self.k_norm.weight,
                 self.k_norm.eps, cos, sin, *cache, batch.slot_mapping)
@@ -334,6 +342,14 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, cache, batch, self.scale)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+    def _block_applies(self, batch: AttentionBatch, tokens: int) -> bool:
+        """Whether attention_block takes the whole forward (given the prologue applies): every token attends
+        through the paged kernel, and o_proj's weight is packed bf16 (not FP8)."""
+        kernel = batch.kernel
+        o_weight = self.o_proj.weight
+        return (kernel is not None and kernel.rows.numel() == tokens and o_weight.dtype == torch.bfloat16
+                and kernels.is_packed(o_weight))
 
     def _fused_prologue_applies(self, x: torch.Tensor, cos: torch.Tensor, cache: KVCache) -> bool:
         """Whether the CPU kernels take the projections and the steps up to the cache write: bf16 everywhere, the

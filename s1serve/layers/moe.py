@@ -136,18 +136,34 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, token_counts: list[int] | None = None) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]. `token_counts`: every ep rank's T this step under DP attention (as
         exchange_token_counts returns it; exchanged here when not given)."""
-        logits = kernels.linear(x, self.gate.weight)
+        ctx = self.ctx
+        exchanged = ctx.ep_size > 1 and not ctx.tokens_replicated
         fused = kernels.fused_ops(x)
+        if fused is not None and not exchanged and self._block_applies():  # the router and _local_experts at once
+            swiglu_min_rows = SWIGLU_FUSED_MIN_ROWS if self.intermediate % kernels.BLOCK_N == 0 else 0
+            out = fused.moe_block(x, self.gate.weight, self.w13, self.w2, self.top_k, self.num_groups,
+                                  self.renormalize, self.experts.start, swiglu_min_rows)
+            return self._summed_over_ranks(out)
+        logits = kernels.linear(x, self.gate.weight)
         route = fused.select_experts if fused is not None else select_experts
         ids, weights = route(logits, self.top_k, self.num_groups, self.renormalize)
-        ctx = self.ctx
-        if ctx.ep_size > 1 and not ctx.tokens_replicated:
+        if exchanged:
             counts = token_counts or exchange_token_counts(x.shape[0], ctx, x.device)
             return self._exchange(x, ids, weights, counts)
-        out = self._local_experts(x, ids, weights)
+        return self._summed_over_ranks(self._local_experts(x, ids, weights))
+
+    def _summed_over_ranks(self, out: torch.Tensor) -> torch.Tensor:
+        """The held experts' sums, added over the ranks that hold the others (or the other parts of them)."""
+        ctx = self.ctx
         if ctx.ep_size > 1:  # with tp > 1 too, the ep group is the tp group: one all-reduce
             return all_reduce(out, ctx.ep_size, ctx.ep_group)
         return all_reduce(out, ctx.tp_size, ctx.tp_group)
+
+    def _block_applies(self) -> bool:
+        """Whether moe_block takes the router and the held experts: a bf16 router, both expert stacks packed for the
+        bf16 kernel (FP8 experts, Fp8SparseMoE, are not)."""
+        return self.gate.weight.dtype == torch.bfloat16 and all(
+            w.dtype == torch.bfloat16 and kernels.is_packed(w) for w in (self.w13, self.w2))
 
     def _local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum over the routed experts held here of weight * expert(x), per row of x; ids [T, k] are global

@@ -191,17 +191,45 @@ def test_the_model_gives_the_same_hidden_states_with_and_without_the_attention_p
         with torch.inference_mode():
             return bf16_model(ids, positions, caches, batch), caches
 
-    fused, fused_caches = hidden_and_cache()
+    ops = kernels.bf16_kernels()
+    real, calls = ops.attention_block, []
+    monkeypatch.setattr(ops, "attention_block", lambda *args: calls.append(1) or real(*args))
+    block, block_caches = hidden_and_cache()  # every token below kernel_below: one call per layer
+    assert len(calls) == cfg.num_hidden_layers
+    monkeypatch.setattr(Attention, "_block_applies", lambda *_: False)
+    fused, fused_caches = hidden_and_cache()  # projections, then the prologue: two calls
     monkeypatch.setattr(Attention, "_fused_prologue_applies", lambda *_: False)
     steps, step_caches = hidden_and_cache()
-    assert torch.equal(fused, steps)
-    for (k, v), (k2, v2) in zip(fused_caches, step_caches):
-        assert torch.equal(k, k2) and torch.equal(v, v2)
+    assert len(calls) == cfg.num_hidden_layers
+    assert torch.equal(block, steps) and torch.equal(fused, steps)
+    for (k, v), (k2, v2), (k3, v3) in zip(block_caches, fused_caches, step_caches):
+        assert torch.equal(k, k3) and torch.equal(v, v3) and torch.equal(k2, k3) and torch.equal(v2, v3)
+
+
+def test_attention_takes_one_call_only_when_every_token_attends_through_the_kernel(bf16_model):
+    from s1serve.layers.attention import AttentionBatch
+
+    attention = bf16_model.layers[0].self_attn
+    all_in_kernel = AttentionBatch.build([3, 1], [0, 9], [[0], [1]], 16, "cpu", kernel_below=64)
+    past_kernel = AttentionBatch.build([3, 1], [0, 70], [[0], [1, 2, 3, 4, 5]], 16, "cpu", kernel_below=64)
+    no_kernel = AttentionBatch.build([3, 1], [0, 9], [[0], [1]], 16, "cpu", kernel_below=0)
+    assert attention._block_applies(all_in_kernel, 4)
+    assert not attention._block_applies(past_kernel, 4)  # the second sequence's token sits at 70
+    assert not attention._block_applies(no_kernel, 4)
 
 
 def test_the_moe_layer_matches_its_pytorch_path_and_each_token_alone(bf16_model, monkeypatch):
-    fused, alone = moe_outputs(bf16_model)
-    assert torch.equal(fused, alone)  # row-invariant
+    from s1serve.layers.moe import SparseMoE
+
+    ops = kernels.bf16_kernels()
+    real, calls = ops.moe_block, []
+    monkeypatch.setattr(ops, "moe_block", lambda *args: calls.append(1) or real(*args))
+    block, alone = moe_outputs(bf16_model)
+    assert calls and torch.equal(block, alone)  # row-invariant
+    monkeypatch.setattr(SparseMoE, "_block_applies", lambda self: False)
+    calls.clear()
+    fused, _ = moe_outputs(bf16_model)  # the router, then _local_experts' fused steps one by one
+    assert not calls and torch.equal(fused, block)
     monkeypatch.setattr(kernels, "fused_ops", lambda x: None)
     pytorch, _ = moe_outputs(bf16_model)
     torch.testing.assert_close(fused.float(), pytorch.float(), atol=2e-2, rtol=2e-2)  # bf16 roundings of the sum
@@ -215,10 +243,35 @@ def test_a_moe_layer_with_whole_blocks_takes_grouped_swiglu_bitwise(ops, tmp_pat
     model = load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("edge"), preset="edge", seed=2), torch.bfloat16)
     ModelRunner(model, num_blocks=4, block_size=16)
     assert model.layers[0].mlp.intermediate % 64 == 0  # gate and up in whole 64-column blocks
+    block, alone = moe_outputs(model)  # moe_block: grouped_swiglu inside it
+    assert torch.equal(block, alone)
+    monkeypatch.setattr(SparseMoE, "_block_applies", lambda self: False)
     real, calls = ops.grouped_swiglu, []
     monkeypatch.setattr(ops, "grouped_swiglu", lambda *args: calls.append(1) or real(*args))
-    fused, alone = moe_outputs(model)
-    assert calls and torch.equal(fused, alone)
+    fused, _ = moe_outputs(model)
+    assert calls and torch.equal(fused, block)
     monkeypatch.setattr(SparseMoE, "swiglu", lambda self, f, rows, ends: f.silu_mul(self.grouped(rows, "w13", ends)))
     assert torch.equal(moe_outputs(model)[0], fused)
+    mlp = model.layers[0].mlp
+    x = bf16(33, mlp.hidden_size, seed=14)
+    args = (mlp.gate.weight, mlp.w13, mlp.w2, mlp.top_k, mlp.num_groups, mlp.renormalize, mlp.experts.start)
+    with torch.inference_mode():  # moe_block's own choice: the two calls below 16 rows an expert (0: never one)
+        assert torch.equal(ops.moe_block(x, *args, 0), block) and torch.equal(ops.moe_block(x, *args, 1), block)
 
+
+
+@pytest.mark.parametrize("held", [(0, 64), (16, 32)])  # all experts held; an EP rank's share
+@pytest.mark.usefixtures("kernel_path")
+def test_moe_block_is_bitwise_the_router_then_the_held_experts_steps(ops, held):
+    first, count = held
+    experts, hidden, intermediate, tokens, top_k = 64, 128, 64, 21, 8
+    gate = kernels.pack(bf16(experts, hidden, seed=40))  # 64 experts: the router's weight packed too
+    w13 = kernels.pack(bf16(count, 2 * intermediate, hidden, seed=41, scale=0.2))
+    w2 = kernels.pack(bf16(count, hidden, intermediate, seed=42, scale=0.2))
+    x = bf16(tokens, hidden, seed=43)
+    ids, weights = ops.select_experts(kernels.linear(x, gate), top_k, 4, True)
+    token_of_row, row_weight, ends = ops.sort_rows(ids, weights, first, count)
+    hidden_rows = ops.silu_mul(kernels.grouped_linear(x.index_select(0, token_of_row), w13, ends))
+    expected = ops.combine(kernels.grouped_linear(hidden_rows, w2, ends), token_of_row, row_weight, tokens)
+    for swiglu_min_rows in (0, 1):  # the two calls, then grouped_swiglu: bitwise the same
+        assert torch.equal(ops.moe_block(x, gate, w13, w2, top_k, 4, True, first, swiglu_min_rows), expected)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 log = logging.getLogger("s1serve.kernels")
-SOURCES = [Path(__file__).with_name(name) for name in ("bf16_matmul.cpp", "fused_ops.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("bf16_matmul.cpp", "fused_ops.cpp", "fused_blocks.cpp")]
 KERNEL_NAME = "s1serve_bf16_matmul"
 ENV_SWITCH = "S1SERVE_CPU_KERNELS"
 AMX_SWITCH = "S1SERVE_CPU_AMX"

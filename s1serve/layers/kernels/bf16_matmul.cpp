@@ -591,10 +591,12 @@ bool set_amx(bool on) {
 
 bool amx() { return amx_enabled; }
 
-void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
+void register_fused_ops(pybind11::module& m);     // fused_ops.cpp
+void register_fused_blocks(pybind11::module& m);  // fused_blocks.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_fused_ops(m);
+  register_fused_blocks(m);
   m.def("set_amx", &set_amx, "run every call on the AMX tiles (true) or on AVX-512 (false); returns the setting");
   m.def("amx", &amx, "whether calls run on the AMX tiles");
   m.def("linear", &linear, "x [M, K] bf16 times a packed [N, K] weight -> [M, N] bf16 or float32");
