@@ -2,7 +2,8 @@
 // from its router to the experts' weighted sum. Each is the kernels of bf16_matmul.cpp and fused_ops.cpp called in
 // the order the Python modules call them, so its result is bitwise theirs; what it saves is the Python between the
 // steps (module lookups, argument checks, a dozen crossings into C++ a layer): a batch-1 decode step of the tiny
-// preset, whose weights stay in cache, went from 0.97 to 0.91 ms (faster in 36 of 40 alternating pairs).
+// preset, whose weights stay in cache, went from 0.95 to 0.90 ms (benchmarks/one_call_blocks.py: faster in 37 of 40
+// alternating pairs).
 #include <torch/extension.h>
 
 #include <vector>
