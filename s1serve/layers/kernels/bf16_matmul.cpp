@@ -235,14 +235,11 @@ void for_items(int64_t n, const Fn& fn) {
   });
 }
 
-// For fused_ops.cpp (grouped_swiglu): the rows of x times one packed block into bf16 on this process's path, and the
-// chunked parallel loop above.
+// For fused_ops.cpp (grouped_swiglu): the rows of x times one packed block into bf16 on this process's path.
 void packed_block_bf16(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, bf16* y, int64_t ldy,
                        int& configured) {
   any_rows_times_block(x, M, ldx, w, K, y, ldy, configured);
 }
-
-void for_item_chunks(int64_t n, const std::function<void(int64_t, int64_t, int&)>& fn) { for_items(n, fn); }
 
 template <typename Out>
 void linear_into(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y) {
@@ -276,6 +273,12 @@ void for_expert_blocks(const torch::Tensor& ends, int64_t R, int64_t blocks, con
     for (int64_t i = i0; i < i1; ++i)
       fn(items[i].first, items[i].second, starts[items[i].first], endp[items[i].first], configured);
   });
+}
+
+// For fused_ops.cpp (grouped_swiglu): for_expert_blocks above.
+void for_each_expert_block(const torch::Tensor& ends, int64_t R, int64_t blocks,
+                           const std::function<void(int64_t, int64_t, int64_t, int64_t, int&)>& fn) {
+  for_expert_blocks(ends, R, blocks, fn);
 }
 
 template <typename Out>

@@ -8,7 +8,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -234,10 +233,12 @@ torch::Tensor silu_mul(torch::Tensor h) {
   return out;
 }
 
-// bf16_matmul.cpp: one packed block's products for M rows into bf16, and its chunked parallel loop.
+// bf16_matmul.cpp: one packed block's products for M rows into bf16, and the chunked parallel loop over each
+// (expert that received rows, column block) pair, fn(expert, block, first row, end row, configured).
 void packed_block_bf16(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, bf16* y, int64_t ldy,
                        int& configured);
-void for_item_chunks(int64_t n, const std::function<void(int64_t, int64_t, int&)>& fn);
+void for_each_expert_block(const torch::Tensor& ends, int64_t R, int64_t blocks,
+                           const std::function<void(int64_t, int64_t, int64_t, int64_t, int&)>& fn);
 
 // grouped_linear and silu_mul in one call: rows ends[e-1]..ends[e] of x [R, K] bf16 times expert e's packed w13
 // [E, 2I/64, K/2, 64, 2] (gate blocks, then up blocks), each 64 gate columns and their 64 up columns computed side by
@@ -252,33 +253,22 @@ torch::Tensor grouped_swiglu(torch::Tensor x, torch::Tensor w13, torch::Tensor e
   const int64_t R = x.size(0), K = 2 * w13.size(2), pairs = w13.size(1) / 2, I = pairs * 64, ldx = x.stride(0);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(1) == K,
               "x must be [R, ", K, "] bf16 with contiguous rows");
-  const int64_t* endp = ends.data_ptr<int64_t>();
-  std::vector<std::array<int64_t, 3>> items;  // (expert, first row, pair of gate and up blocks)
-  int64_t start = 0;
-  for (int64_t e = 0; e < ends.size(0); ++e) {
-    TORCH_CHECK(endp[e] >= start && endp[e] <= R, "ends must be non-decreasing and at most the row count");
-    if (endp[e] > start)
-      for (int64_t j = 0; j < pairs; ++j) items.push_back({e, start, j});
-    start = endp[e];
-  }
   auto out = torch::empty({R, I}, x.options());
   const bf16* xp = x.data_ptr<bf16>();
   const bf16* wp = w13.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   const int64_t block = 64 * K;  // values per packed block
-  for_item_chunks(static_cast<int64_t>(items.size()), [&](int64_t i0, int64_t i1, int& configured) {
-    std::vector<bf16> gate, up;  // this chunk's scratch rows, 64 columns each
-    for (int64_t i = i0; i < i1; ++i) {
-      const auto [e, r0, j] = items[i];
-      const int64_t rows = endp[e] - r0;
-      gate.resize(rows * 64);
-      up.resize(rows * 64);
-      const bf16* expert = wp + e * 2 * pairs * block;
-      packed_block_bf16(xp + r0 * ldx, rows, ldx, expert + j * block, K, gate.data(), 64, configured);
-      packed_block_bf16(xp + r0 * ldx, rows, ldx, expert + (pairs + j) * block, K, up.data(), 64, configured);
-      for (int64_t r = 0; r < rows; ++r)
-        swiglu_row(gate.data() + r * 64, up.data() + r * 64, 64, op + (r0 + r) * I + j * 64);
-    }
+  // block j of `pairs`: expert e's gate block j and up block pairs + j
+  for_each_expert_block(ends, R, pairs, [&](int64_t e, int64_t j, int64_t r0, int64_t r1, int& configured) {
+    thread_local std::vector<bf16> gate, up;  // this thread's scratch rows, 64 columns each
+    const int64_t rows = r1 - r0;
+    gate.resize(rows * 64);
+    up.resize(rows * 64);
+    const bf16* expert = wp + e * 2 * pairs * block;
+    packed_block_bf16(xp + r0 * ldx, rows, ldx, expert + j * block, K, gate.data(), 64, configured);
+    packed_block_bf16(xp + r0 * ldx, rows, ldx, expert + (pairs + j) * block, K, up.data(), 64, configured);
+    for (int64_t r = 0; r < rows; ++r)
+      swiglu_row(gate.data() + r * 64, up.data() + r * 64, 64, op + (r0 + r) * I + j * 64);
   });
   return out;
 }
