@@ -199,7 +199,8 @@ def test_min_expected_latency_sends_little_to_the_slow_node(fleet):
     # Unmeasured, the slow node is assumed as fast per unit of capacity as the measured fast nodes, which keeps
     # it to <= 2 in flight; after its first answer its measured throughput (~0.5-2 rps against ~10-40) keeps it out.
     assert run.split["slow"] <= n / 12, run  # a quarter of an even share; measured 1 of 48
-    assert run.status["slow"]["throughput_rps"] < run.status["fast0"]["throughput_rps"] / 3, run
+    fastest = max(run.status[role]["throughput_rps"] for role in ("fast0", "fast1"))  # why not both: see below
+    assert run.status["slow"]["throughput_rps"] < fastest / 3, run
 
 
 def test_min_observed_latency_avoids_the_slow_node_once_measured(fleet):
@@ -209,4 +210,8 @@ def test_min_observed_latency_avoids_the_slow_node_once_measured(fleet):
     # answer) one more each by load. Every later pick follows an answer, so a fast node has a measured latency
     # (~0.05-0.3 s) that beats the slow node's (waiting: +inf; then ~1-2 s).
     assert 1 <= run.split["slow"] <= n / 12, run  # measured 2 of 48 in every run
-    assert run.status["slow"]["latency_s"] > max(run.status[f]["latency_s"] for f in ("fast0", "fast1")), run
+    # The slow node measures slower than the fast node the strategy settled on. Not slower than both: a fast node
+    # whose only answers came while the slow node ran shares its cores and can measure as slow (CI once: fast1's 2
+    # requests averaged 7.3 s against the slow node's 7.1 s); the strategy then rightly avoids that one too.
+    fastest = min(("fast0", "fast1"), key=lambda role: run.status[role]["latency_s"])
+    assert run.status["slow"]["latency_s"] > run.status[fastest]["latency_s"], run
