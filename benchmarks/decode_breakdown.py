@@ -5,7 +5,10 @@ the model's parts (attention, MoE and norms of all layers, the lm_head) and the 
 
 Each part is timed by wrapping its module's forward (wall time, ms per step; the parts nest inside "model
 forward"). The read bandwidth measured just before each run (as throughput.py measures it) gives the step's
-roofline share at batch 1. Run it on a quiet machine: a second busy process stalls every parallel region.
+roofline share: the weights a step reads over that bandwidth. A step of several sequences reads the distinct experts
+its tokens were routed to, counted over the steps right after the timed ones (the routing recomputed from the
+router's logits, as the layer computes it); the KV cache's reads are left out (under 1% of a step's bytes at 128-160
+tokens of context). Run it on a quiet machine: a second busy process stalls every parallel region.
 
 `--pairs N` then measures the batch-1 share N more times, each from a bandwidth sum taken right before 16 steps,
 and prints every pair and the median share: on a VM whose bandwidth moves by 2x within minutes, one bandwidth
@@ -27,6 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from throughput import DEFAULT_MODEL, decode_bytes_per_token, machine, read_bandwidth  # noqa: E402
 
 from s1serve import LLM, SamplingParams  # noqa: E402
+from s1serve.layers import kernels  # noqa: E402
+from s1serve.layers.moe import SparseMoE, select_experts  # noqa: E402
+
+COUNTED_STEPS = 8  # steps after the timed ones whose routed experts are counted
 
 
 def timed(spent: dict[str, float], label: str, fn: Callable) -> Callable:
@@ -37,6 +44,26 @@ def timed(spent: dict[str, float], label: str, fn: Callable) -> Callable:
         finally:
             spent[label] += time.perf_counter() - start
     return wrapper
+
+
+def counting_experts(model, counts: list[int]) -> Callable[[], None]:
+    """Wraps each MoE layer's forward to record how many distinct experts the step's tokens were routed to there;
+    returns what unwraps them."""
+    wrapped = []
+    for layer in model.layers:
+        mlp = layer.mlp
+        if not isinstance(mlp, SparseMoE):
+            continue
+        original = mlp.forward
+
+        def counted(x, *args, mlp=mlp, original=original, **kwargs):
+            ids, _ = select_experts(kernels.linear(x, mlp.gate.weight), mlp.top_k, mlp.num_groups, mlp.renormalize)
+            counts.append(ids.unique().numel())
+            return original(x, *args, **kwargs)
+
+        mlp.forward = counted
+        wrapped.append((mlp, original))
+    return lambda: [setattr(mlp, "forward", original) for mlp, original in wrapped]
 
 
 def main() -> None:
@@ -60,7 +87,7 @@ def main() -> None:
     weight_bytes = decode_bytes_per_token(model)
     print(f"machine: {machine()}")
     for c in args.concurrency:
-        params = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=args.steps + COUNTED_STEPS + 4, ignore_eos=True)
         for i in range(c):
             engine.add_request(f"c{c}-{i}", [1000 + 7 * i + j for j in range(args.input_len)], params)
         for _ in range(3):  # the prefill and the first decode steps
@@ -73,10 +100,17 @@ def main() -> None:
             steps += 1
         step = (time.perf_counter() - start) / steps
         parts = dict(spent)
+        counts: list[int] = []
+        unwrap = counting_experts(model, counts)
+        for _ in range(COUNTED_STEPS):
+            engine.step()
+        unwrap()
         while engine.has_unfinished_requests():
             engine.step()
-        share = f", {weight_bytes / bandwidth / step:.0%} of the roofline" if c == 1 else ""
-        print(f"\n{c} decoding: {step * 1e3:.1f} ms per step at {bandwidth / 1e9:.1f} GB/s{share}")
+        experts = sum(counts) / len(counts)
+        share = decode_bytes_per_token(model, experts) / bandwidth / step
+        print(f"\n{c} decoding: {step * 1e3:.1f} ms per step at {bandwidth / 1e9:.1f} GB/s, {share:.0%} of the roofline"
+              f" ({experts:.1f} experts a layer)")
         for label, seconds in parts.items():
             print(f"  {label:<20}{seconds / steps * 1e3:8.2f} ms")
         rest = step - (parts["model forward"] + parts["lm_head (logits)"]) / steps

@@ -109,8 +109,9 @@ def read_bandwidth(repeats: int = 10) -> float:
     return plain.nbytes / min(times)
 
 
-def decode_bytes_per_token(model: torch.nn.Module) -> int:
-    """Weight bytes one batch-1 decode step reads: all but the embedding table and the experts not routed to."""
+def decode_bytes_per_token(model: torch.nn.Module, experts_read: float | None = None) -> int:
+    """Weight bytes one decode step reads: all but the embedding table and the experts not routed to. A batch-1 step
+    reads top_k experts a layer; a step of several sequences reads `experts_read` (the mean distinct count)."""
     total = 0
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -118,7 +119,7 @@ def decode_bytes_per_token(model: torch.nn.Module) -> int:
             if module is model.embed_tokens:
                 size = param.shape[1] * param.element_size()  # one row
             elif isinstance(module, SparseMoE):  # the experts' stacks (and FP8 scales); the router is a submodule
-                size = size * module.top_k // module.num_experts
+                size = round(size * (experts_read or module.top_k) / module.num_experts)
             total += size
     return total
 

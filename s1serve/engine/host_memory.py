@@ -27,8 +27,8 @@ in a test suite) would otherwise keep every freed block (a test run's process re
 And weights stream faster from huge pages: a decode step reads every weight it uses once, at memory speed, and on
 4 KiB pages that stream takes a TLB miss each 4 KiB (a two-level page walk in a VM). Linux gives transparent huge
 pages (2 MiB) only to memory advised for them when its setting is `madvise`, the common default, so
-`place_on_huge_pages` moves the model's large weights onto such memory (see docs/engine.md for what it measured;
-S1SERVE_HUGE_PAGES=0 leaves them where they are). The KV cache takes `lazy_zeros`: zero memory mapped on first
+`place_on_huge_pages` moves the model's weights onto such memory, the small ones together (docs/engine.md has
+what it measured; S1SERVE_HUGE_PAGES=0 leaves them where they are). The KV cache takes `lazy_zeros`: zero memory mapped on first
 write, on huge pages too, so that a step writing never-used blocks takes a few 2 MiB faults, not hundreds of 4 KiB
 ones (docs/engine.md, "Prefill: the next weight block").
 """
@@ -54,6 +54,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
 HUGE_PAGE_BYTES = 2 << 20
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 HUGE_PAGES_SWITCH = "S1SERVE_HUGE_PAGES"
+SMALL_PARAMETER_ALIGN = 64
 
 
 def bound_kernel_caches() -> None:
@@ -101,13 +102,27 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def place_on_huge_pages(model: nn.Module) -> None:
-    """Moves each contiguous CPU parameter of at least one huge page onto huge-page memory (one at a time: the peak
-    is the model plus its largest parameter); nothing where S1SERVE_HUGE_PAGES=0 or the platform has no such advice
-    (a copy would gain nothing)."""
+    """Moves each contiguous CPU parameter of at least one huge page onto huge-page memory of its own (one at a time:
+    the peak is the model plus its largest parameter), and the smaller ones side by side onto one more, in the
+    model's order: a step reads them too (k/v projections, routers, norms). Nothing where S1SERVE_HUGE_PAGES=0 or the
+    platform has no such advice (a copy would gain nothing)."""
     if not huge_pages_wanted():
         return
+    small: list[nn.Parameter] = []
     for param in model.parameters():
-        if param.device.type == "cpu" and param.nbytes >= HUGE_PAGE_BYTES and param.is_contiguous():
-            moved = huge_page_empty(tuple(param.shape), param.dtype)
-            moved.copy_(param.data)
-            param.data = moved
+        if param.device.type != "cpu" or not param.is_contiguous():
+            continue
+        if param.nbytes < HUGE_PAGE_BYTES:
+            small.append(param)
+            continue
+        moved = huge_page_empty(tuple(param.shape), param.dtype)
+        moved.copy_(param.data)
+        param.data = moved
+    starts = [0]
+    for param in small:  # each starts on a cache line of its own
+        starts.append(starts[-1] + -(-param.nbytes // SMALL_PARAMETER_ALIGN) * SMALL_PARAMETER_ALIGN)
+    arena = huge_page_empty((starts[-1],), torch.uint8)
+    for param, start in zip(small, starts):
+        moved = arena[start : start + param.nbytes].view(param.dtype).view(param.shape)
+        moved.copy_(param.data)
+        param.data = moved

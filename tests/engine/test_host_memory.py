@@ -147,27 +147,35 @@ def test_huge_page_memory_starts_on_a_huge_page_is_advised_and_holds_what_is_wri
     assert not advised_for_huge_pages(torch.frombuffer(unadvised, dtype=torch.uint8).data_ptr())  # the check can fail
 
 
-def test_placing_on_huge_pages_moves_large_parameters_and_keeps_their_values():
-    model = torch.nn.Sequential(torch.nn.Embedding(4096, 256), torch.nn.Linear(256, 8))
+def test_placing_on_huge_pages_gives_large_parameters_their_own_and_the_small_ones_one_together():
+    model = torch.nn.Sequential(torch.nn.Embedding(4096, 256), torch.nn.Linear(256, 8), torch.nn.LayerNorm(8))
+    small = [model[1].weight, model[1].bias, model[2].weight, model[2].bias]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert not any(advised_for_huge_pages(p.data_ptr()) for p in small)  # 8 KiB and less: malloc'd
     place_on_huge_pages(model)
-    assert advised_for_huge_pages(model[0].weight.data_ptr())  # 4 MiB
-    assert not advised_for_huge_pages(model[1].weight.data_ptr())  # 8 KiB: left where it was
+    assert advised_for_huge_pages(model[0].weight.data_ptr()) and model[0].weight.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert all(advised_for_huge_pages(p.data_ptr()) for p in small)
+    # Side by side in the model's order, each on a cache line of its own, within one huge page.
+    starts = [p.data_ptr() for p in small]
+    assert starts[0] % HUGE_PAGE_BYTES == 0 and all(start % 64 == 0 for start in starts)
+    assert starts == sorted(starts) and starts[-1] - starts[0] < HUGE_PAGE_BYTES
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    assert isinstance(model[0].weight, torch.nn.Parameter)
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    model[1].bias.data.add_(1)  # each is its own slice: writing one leaves its neighbours as they were
+    assert torch.equal(model[2].weight, before["2.weight"]) and torch.equal(model[1].weight, before["1.weight"])
 
 
-def test_the_model_runner_puts_the_large_weights_on_huge_pages(tiny_checkpoint):
+def test_the_model_runner_puts_every_weight_on_huge_pages(tiny_checkpoint):
     model = make_llm(tiny_checkpoint, num_kv_blocks=16).engine.runner.model
     large = {name: p for name, p in model.named_parameters() if p.nbytes >= HUGE_PAGE_BYTES}
     assert large, "the tiny checkpoint has no parameter of a huge page or more"
-    assert all(advised_for_huge_pages(p.data_ptr()) for p in large.values()), sorted(large)
+    assert all(advised_for_huge_pages(p.data_ptr()) for p in model.parameters()), sorted(large)
 
 
 def test_huge_pages_can_be_turned_off(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv(HUGE_PAGES_SWITCH, "0")
     model = make_llm(tiny_checkpoint, num_kv_blocks=16).engine.runner.model
-    assert not any(advised_for_huge_pages(p.data_ptr()) for p in model.parameters() if p.nbytes >= HUGE_PAGE_BYTES)
+    assert not any(advised_for_huge_pages(p.data_ptr()) for p in model.parameters())
 
 
 def test_lazy_zeros_are_zero_on_huge_pages_when_large_and_calloc_memory_otherwise(monkeypatch):
