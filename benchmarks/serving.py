@@ -18,7 +18,9 @@ goodput = requests/s of those that met every --slo-* given. Latencies count from
 a cap, a Poisson arrival may wait for a slot first).
 
 --server NAME[=COMMAND] starts a server for its turn and stops it after (one server at a time): NAME alone is a
-preset (s1serve, vllm: benchmarks/peers/vllm_cpu.sh); COMMAND may use {model}, {port} and {python}. Rounds
+preset (s1serve, vllm: benchmarks/peers/vllm_cpu.sh); COMMAND may use {model}, {port} and {python}. A server starts
+in --log-dir, not where this script runs: `python -m s1serve` puts its working folder first on sys.path, so a
+COMMAND that serves another checkout through PYTHONPATH would otherwise import this one's package. Rounds
 alternate the servers (a shared machine has slow spells; alternating keeps one from falling on one side only), and
 the table shows each cell's best round with the range over rounds, and each side's ratio to the first.
 --offline adds s1serve's in-process engine (`s1serve.LLM`, the same prompts and load points, driven step by step
@@ -215,7 +217,8 @@ class Server:
         with open(self.log, "a") as log:
             log.write(f"\n$ {shlex.join(argv)}\n")
             log.flush()
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir,
+                                         start_new_session=True)
         try:
             self.model, self.version = self._wait_ready(start_timeout)
         except BaseException:  # not ready, or the run interrupted while it starts: leave no server behind
