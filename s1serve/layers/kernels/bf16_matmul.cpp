@@ -46,13 +46,14 @@ inline void store16<float>(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
 template <>
 inline void store16<bf16>(bf16* y, __m512 v) { _mm256_storeu_si256((__m256i*)y, (__m256i)_mm512_cvtneps_pbh(v)); }
 
-// With ASK_NEXT, every PAIRS_PER_ASK k pairs the tile first asks for `next_lines` cache lines at `next` into L2 and
-// moves `next` past them (see rows_times_block).
+// With ASK_NEXT, every PAIRS_PER_ASK k pairs the tile first asks for the next `next_lines` cache lines from `next` on
+// into L2 (see rows_times_block). `next` is passed by value: the fp8 tiles, given it by reference, kept their sums on
+// the stack (docs/engine.md, eighth sitting).
 constexpr int64_t PAIRS_PER_ASK = 4;
 
 // The MB x 64 tile of rows x (stride ldx) times one packed block.
 template <int MB, bool ASK_NEXT, typename Out>
-inline void tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, const char*& next,
+inline void tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy, const char* next,
                  int64_t next_lines) {
   __m512 acc[MB][4];
   for (int i = 0; i < MB; ++i)
@@ -79,8 +80,10 @@ inline void tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, Out* y, i
 template <bool ASK_NEXT, typename Out>
 void row_tiles(const bf16* x, int64_t M, int64_t ldx, const bf16* w, int64_t K, Out* y, int64_t ldy,
                const char* next, int64_t next_lines) {
+  const int64_t per_tile = 64 * next_lines * ((K / 2 + PAIRS_PER_ASK - 1) / PAIRS_PER_ASK);  // bytes a tile asks for
   int64_t m = 0;
-  for (; m + ROWS <= M; m += ROWS) tile<ROWS, ASK_NEXT>(x + m * ldx, ldx, w, K, y + m * ldy, ldy, next, next_lines);
+  for (; m + ROWS <= M; m += ROWS, next += per_tile)
+    tile<ROWS, ASK_NEXT>(x + m * ldx, ldx, w, K, y + m * ldy, ldy, next, next_lines);
   const bf16* xr = x + m * ldx;
   Out* yr = y + m * ldy;
   switch (M - m) {
